@@ -1,0 +1,107 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tokenflow.config import ConfigError, apply_overrides, config_hash, load_config
+
+from tests.conftest import MODEL_CONFIGS
+
+TINY = MODEL_CONFIGS / "tokenflow-tiny.yaml"
+
+
+def _write(tmp_path: Path, name: str, data: dict) -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_every_shipped_model_config_validates():
+    for path in sorted(MODEL_CONFIGS.glob("*.yaml")):
+        cfg = load_config(path).tokenizer
+        assert cfg.quantizer.scales[-1] == cfg.grid_size, path
+
+
+def test_override_changes_value_and_type_is_parsed():
+    cfg = load_config(TINY, ["tokenizer.quantizer.codebook_size=4096"])
+    assert cfg.tokenizer.quantizer.codebook_size == 4096
+    cfg = load_config(TINY, ["tokenizer.quantizer.scales=[1, 2, 4, 8]"])
+    assert cfg.tokenizer.quantizer.scales == (1, 2, 4, 8)
+
+
+def test_unknown_key_is_named_with_its_path():
+    with pytest.raises(ConfigError, match=r"tokenizer\.quantizer\.codebok_size: unknown key"):
+        load_config(TINY, ["tokenizer.quantizer.codebok_size=4096"])
+
+
+def test_wrong_type_is_named_with_its_path():
+    with pytest.raises(ConfigError, match=r"tokenizer\.quantizer\.codebook_size: .*integer.*'many'"):
+        load_config(TINY, ["tokenizer.quantizer.codebook_size=many"])
+
+
+def test_scale_larger_than_latent_grid_is_rejected():
+    with pytest.raises(ConfigError, match=r"scales \[16\] exceed the latent grid 8x8"):
+        load_config(TINY, ["tokenizer.quantizer.scales=[1, 2, 4, 8, 16]"])
+
+
+def test_last_scale_must_be_the_grid():
+    with pytest.raises(ConfigError, match="last quantizer scale must equal the latent grid 8, got 6"):
+        load_config(TINY, ["tokenizer.quantizer.scales=[1, 2, 4, 6]"])
+
+
+def test_scales_must_increase():
+    with pytest.raises(ConfigError, match="strictly increasing"):
+        load_config(TINY, ["tokenizer.quantizer.scales=[1, 4, 2, 8]"])
+
+
+def test_grid_mismatch_between_encoders_suggests_pixel_image_size():
+    with pytest.raises(ConfigError, match="set pixel_image_size to 128"):
+        load_config(TINY, ["tokenizer.semantic_encoder.patch_size=4",
+                           "tokenizer.quantizer.scales=[1, 2, 4, 8, 16]"])
+
+
+def test_perceptual_enabled_without_weights_is_rejected():
+    with pytest.raises(ConfigError, match="perceptual loss is enabled but"):
+        load_config(TINY, ["tokenizer.perceptual.enabled=true"])
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["tokenizer.bogus=1", "tokenizer.quantizer.beta=-1"])
+    assert "tokenizer.bogus: unknown key" in str(err.value)
+    assert "tokenizer.quantizer.beta" in str(err.value)
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="not of the form key.path=value"):
+        apply_overrides({}, ["tokenizer.quantizer"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        apply_overrides({"a": 1}, ["a.b=2"])
+
+
+def test_include_merges_and_own_keys_win(tmp_path):
+    base = _write(tmp_path, "base.yaml", {"tokenizer": {"name": "base", "image_size": 64}})
+    top = _write(tmp_path, "top.yaml", {"include": base.name, "tokenizer": {"name": "top"}})
+    from tokenflow.config import load_yaml_tree
+
+    assert load_yaml_tree(top) == {"tokenizer": {"name": "top", "image_size": 64}}
+
+
+def test_include_cycle_and_missing_file(tmp_path):
+    _write(tmp_path, "a.yaml", {"include": "b.yaml"})
+    _write(tmp_path, "b.yaml", {"include": "a.yaml"})
+    with pytest.raises(ConfigError, match="include cycle"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_hash_is_stable_and_ignores_key_order():
+    a = {"x": 1, "y": {"b": [1, 2], "a": "s"}}
+    b = {"y": {"a": "s", "b": [1, 2]}, "x": 1}
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash({**a, "x": 2})
+    cfg1 = load_config(TINY)
+    cfg2 = load_config(TINY, ["tokenizer.name=tokenflow-tiny"])
+    assert config_hash(cfg1) == config_hash(cfg2)
+    assert config_hash(cfg1) != config_hash(load_config(TINY, ["tokenizer.quantizer.beta=0.5"]))

@@ -1,0 +1,1 @@
+"""TokenFlow retraining pipeline."""

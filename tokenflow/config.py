@@ -1,0 +1,322 @@
+"""Typed configuration: YAML files, includes, dotted overrides, validation and a stable hash.
+
+A config file is a YAML mapping. It may name other files under ``include:`` (paths relative to
+the including file); those are merged first, in order, then the file's own keys on top, then
+``--set a.b.c=value`` overrides. The merged mapping is validated into :class:`TokenFlowConfig`
+before anything runs; unknown keys, wrong types and impossible values raise
+:class:`ConfigError` with the dotted path of every offending field.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+INCLUDE_KEY = "include"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be loaded or does not validate."""
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------- tokenizer model
+
+
+class SemanticEncoderConfig(StrictModel):
+    """The pretrained vision tower that gives the semantic latent (and its frozen teacher copy)."""
+
+    backend: Literal["open_clip", "transformers"]
+    arch: str = Field(description="open_clip model name (e.g. ViT-B-16) or transformers model_type")
+    pretrained: str | None = Field(
+        default=None,
+        description="Weights: a local path, an open_clip pretrained tag or a hub id. "
+        "None builds the architecture randomly initialised (tests, smoke).",
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Architecture fields replacing the named arch's defaults (open_clip vision_cfg "
+        "keys or transformers config keys); used to build small towers from config.",
+    )
+    patch_size: int = Field(gt=0, description="Token stride of the tower: grid = image_size // patch_size.")
+    feature_layer: int = Field(
+        -1, description="transformers towers: which hidden state gives the tokens (-2: penultimate)."
+    )
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+class PixelCodecConfig(StrictModel):
+    """VQGAN-style convolutional encoder/decoder."""
+
+    ch: int = Field(128, gt=0)
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = Field(2, gt=0)
+    z_channels: int = Field(256, gt=0)
+    attn_at_bottom: bool = True
+    decoder_ch: int | None = Field(
+        default=None, description="Decoder base width; wider than ch gives the 'enhanced' decoder."
+    )
+    decoder_num_res_blocks: int | None = None
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+class QuantizerConfig(StrictModel):
+    """Shared-mapping multi-scale residual quantizer."""
+
+    codebook_size: int = Field(gt=1)
+    semantic_dim: int = Field(32, gt=0)
+    pixel_dim: int = Field(8, gt=0)
+    scales: tuple[int, ...]
+    pixel_distance_weight: float = Field(1.0, ge=0.0)
+    beta: float = Field(0.25, ge=0.0, description="Commitment loss weight.")
+    scale_drop_prob: float = Field(0.1, ge=0.0, le=1.0)
+    usage_window: int = Field(100, gt=0, description="Batches over which codebook usage is tracked.")
+
+    @model_validator(mode="after")
+    def _scales_increase(self) -> "QuantizerConfig":
+        if not self.scales:
+            raise ValueError("scales must list at least one scale")
+        if any(s <= 0 for s in self.scales):
+            raise ValueError(f"scales must be positive, got {list(self.scales)}")
+        if any(b <= a for a, b in zip(self.scales, self.scales[1:])):
+            raise ValueError(f"scales must be strictly increasing, got {list(self.scales)}")
+        return self
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image: the sum of s*s over all scales."""
+        return sum(s * s for s in self.scales)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.semantic_dim + self.pixel_dim
+
+
+class SemanticDecoderConfig(StrictModel):
+    """Small ViT from the quantized semantic codes to the teacher's feature space."""
+
+    depth: int = Field(3, gt=0)
+    width: int = Field(768, gt=0)
+    heads: int = Field(12, gt=0)
+    mlp_ratio: float = Field(4.0, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "SemanticDecoderConfig":
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        return self
+
+
+class PerceptualConfig(StrictModel):
+    """LPIPS-style perceptual loss on a VGG16 backbone; weights come from configured files."""
+
+    enabled: bool = True
+    backbone_weights: str | None = Field(
+        default=None, description="torchvision vgg16 state dict (.pth or .safetensors)."
+    )
+    linear_weights: str | None = Field(
+        default=None, description="LPIPS linear-layer weights (the lpips package's vgg.pth format)."
+    )
+
+    @model_validator(mode="after")
+    def _weights_named(self) -> "PerceptualConfig":
+        if self.enabled and not (self.backbone_weights and self.linear_weights):
+            raise ValueError(
+                "perceptual loss is enabled but backbone_weights/linear_weights are not set; "
+                "point them at the VGG16 and LPIPS weight files, or set enabled: false"
+            )
+        return self
+
+
+class DiscriminatorConfig(StrictModel):
+    """Hinge PatchGAN discriminator."""
+
+    ndf: int = Field(64, gt=0)
+    n_layers: int = Field(3, gt=0)
+    start_step: int = Field(20000, ge=0)
+
+
+class LossWeightsConfig(StrictModel):
+    l2: float = Field(1.0, ge=0.0)
+    perceptual: float = Field(1.0, ge=0.0)
+    gan: float = Field(0.5, ge=0.0)
+    semantic: float = Field(1.0, ge=0.0)
+    vq: float = Field(1.0, ge=0.0)
+
+
+class TokenizerConfig(StrictModel):
+    """The whole TokenFlow tokenizer."""
+
+    name: str
+    image_size: int = Field(gt=0)
+    pixel_image_size: int | None = Field(
+        default=None,
+        description="Resolution the pixel branch runs at (bicubic resize in and out) when the "
+        "semantic grid is not image_size/16, e.g. SigLIP/14 at 384 -> 27x27 -> 432.",
+    )
+    semantic_encoder: SemanticEncoderConfig
+    pixel_codec: PixelCodecConfig = PixelCodecConfig()
+    quantizer: QuantizerConfig
+    semantic_decoder: SemanticDecoderConfig = SemanticDecoderConfig()
+    perceptual: PerceptualConfig = PerceptualConfig(enabled=False)
+    discriminator: DiscriminatorConfig = DiscriminatorConfig()
+    loss_weights: LossWeightsConfig = LossWeightsConfig()
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the latent grid both encoders produce."""
+        return self.image_size // self.semantic_encoder.patch_size
+
+    @property
+    def pixel_size(self) -> int:
+        return self.pixel_image_size or self.image_size
+
+    @model_validator(mode="after")
+    def _shapes_agree(self) -> "TokenizerConfig":
+        factor = self.pixel_codec.downsample_factor
+        grid = self.grid_size
+        if self.pixel_size % factor or self.pixel_size // factor != grid:
+            raise ValueError(
+                f"the pixel encoder's grid ({self.pixel_size}/{factor}) does not match the semantic "
+                f"grid {grid} (image_size {self.image_size} / patch_size "
+                f"{self.semantic_encoder.patch_size}); set pixel_image_size to {grid * factor}"
+            )
+        too_big = [s for s in self.quantizer.scales if s > grid]
+        if too_big:
+            raise ValueError(
+                f"quantizer.scales {too_big} exceed the latent grid {grid}x{grid} "
+                f"(image_size {self.image_size} / patch_size {self.semantic_encoder.patch_size})"
+            )
+        if self.quantizer.scales[-1] != grid:
+            raise ValueError(
+                f"the last quantizer scale must equal the latent grid {grid}, "
+                f"got {self.quantizer.scales[-1]}"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- root
+
+
+class TokenFlowConfig(StrictModel):
+    """Root of every config file. Sections are added as stages need them."""
+
+    tokenizer: TokenizerConfig
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` updated recursively by ``top`` (mappings merge, everything else replaces)."""
+    merged = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config and the files it includes into one merged mapping."""
+    path = Path(path).resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise ConfigError(f"include cycle: {chain}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    includes = data.pop(INCLUDE_KEY, [])
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict[str, Any] = {}
+    for include in includes:
+        merged = _deep_merge(merged, load_yaml_tree(path.parent / include, (*_seen, path)))
+    return _deep_merge(merged, data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML scalars/flow collections."""
+    result = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+        parts = key.strip().split(".")
+        node = result
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                prefix = ".".join(parts[: depth + 1])
+                raise ConfigError(f"override {item!r}: {prefix} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key")
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {where}: {message} (got {err.get('input')!r})"
+                         if err["type"] != "value_error" else f"  {where}: {message}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def validate(data: dict[str, Any], schema: type[StrictModel] = TokenFlowConfig) -> StrictModel:
+    """Validate a merged mapping into ``schema``; raise :class:`ConfigError` listing every problem."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def load_config(
+    path: str | Path,
+    overrides: Iterable[str] = (),
+    schema: type[StrictModel] = TokenFlowConfig,
+) -> Any:
+    """Load, merge, override and validate a config file."""
+    return validate(apply_overrides(load_yaml_tree(path), overrides), schema)
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace: the form that is hashed."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def config_hash(value: Any) -> str:
+    """Stable sha256 of a config (or any section of one); key order does not matter."""
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()

@@ -1,0 +1,43 @@
+"""Codebook usage and perplexity over a sliding window of batches."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+
+class CodebookUsage:
+    """Counts code indices over the last ``window`` updates.
+
+    ``usage`` is the fraction of the K codes used at least once in the window; ``perplexity`` is
+    exp(entropy) of the windowed code distribution (K when uniform, 1 when collapsed).
+    """
+
+    def __init__(self, codebook_size: int, window: int):
+        self.codebook_size = codebook_size
+        self._batches: deque[torch.Tensor] = deque(maxlen=window)
+        self._total = torch.zeros(codebook_size, dtype=torch.long)
+
+    def update(self, indices: torch.Tensor) -> None:
+        """Add one batch of indices (any shape)."""
+        counts = torch.bincount(indices.detach().reshape(-1).cpu(), minlength=self.codebook_size)
+        if len(self._batches) == self._batches.maxlen:
+            self._total -= self._batches[0]
+        self._batches.append(counts)
+        self._total += counts
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self._total.clone()
+
+    def usage(self) -> float:
+        return float((self._total > 0).float().mean())
+
+    def perplexity(self) -> float:
+        total = self._total.sum()
+        if total == 0:
+            return 0.0
+        p = self._total.double() / total
+        entropy = -(p[p > 0] * p[p > 0].log()).sum()
+        return float(entropy.exp())

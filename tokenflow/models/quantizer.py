@@ -1,0 +1,143 @@
+"""Shared-mapping multi-scale residual quantizer (TokenFlow).
+
+Two L2-normalised codebooks (semantic and pixel) share one index per position: the index that
+minimises d_sem + w * d_pix (squared L2 between normalised vectors). Quantization is VAR-style
+multi-scale residual: at each scale the residual is area-downsampled, quantized, upsampled
+bicubically to the full grid, accumulated, and subtracted from the residual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenflow.config import QuantizerConfig
+
+# Rows of positions scored against the codebook at once: bounds the [rows, K] distance matrix.
+_DISTANCE_CHUNK = 4096
+
+
+@dataclass
+class QuantizerOutput:
+    """What one quantization pass gives back."""
+
+    features: torch.Tensor  # [B, Ds + Dp, H, W] accumulated codes (straight-through in training)
+    indices: dict[int, torch.Tensor]  # scale -> [B, s*s] indices of the scales used
+    vq_loss: torch.Tensor  # codebook term, mean over used scales
+    commit_loss: torch.Tensor  # beta-weighted commitment term, mean over used scales
+
+
+def resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """Resize a [B, C, h, w] map to size x size; identity when already that size."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    if mode == "area":
+        return F.interpolate(x, size=(size, size), mode="area")
+    return F.interpolate(x, size=(size, size), mode=mode, align_corners=False)
+
+
+class SharedMappingQuantizer(nn.Module):
+    """Dual-codebook quantizer with one shared index per position, over a list of scales."""
+
+    def __init__(self, cfg: QuantizerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.scales = tuple(cfg.scales)
+        self.split = (cfg.semantic_dim, cfg.pixel_dim)
+        self.semantic_codebook = nn.Embedding(cfg.codebook_size, cfg.semantic_dim)
+        self.pixel_codebook = nn.Embedding(cfg.codebook_size, cfg.pixel_dim)
+        k = cfg.codebook_size
+        for book in (self.semantic_codebook, self.pixel_codebook):
+            nn.init.uniform_(book.weight, -1.0 / k, 1.0 / k)
+            with torch.no_grad():
+                book.weight.copy_(F.normalize(book.weight, dim=1))
+
+    @property
+    def grid(self) -> int:
+        return self.scales[-1]
+
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two L2-normalised codebooks, [K, Ds] and [K, Dp]."""
+        return (
+            F.normalize(self.semantic_codebook.weight, dim=1),
+            F.normalize(self.pixel_codebook.weight, dim=1),
+        )
+
+    def nearest(self, z_sem: torch.Tensor, z_pix: torch.Tensor) -> torch.Tensor:
+        """Shared index per row: argmin over K of ||z_sem - e_sem||^2 + w ||z_pix - e_pix||^2.
+
+        ``z_sem`` [M, Ds] and ``z_pix`` [M, Dp] are compared as given (callers normalise).
+        """
+        e_sem, e_pix = self.codes()
+        w = self.cfg.pixel_distance_weight
+        e_sq = e_sem.pow(2).sum(1) + w * e_pix.pow(2).sum(1)
+        out = torch.empty(z_sem.shape[0], dtype=torch.long, device=z_sem.device)
+        for start in range(0, z_sem.shape[0], _DISTANCE_CHUNK):
+            zs, zp = z_sem[start : start + _DISTANCE_CHUNK], z_pix[start : start + _DISTANCE_CHUNK]
+            z_sq = zs.pow(2).sum(1, keepdim=True) + w * zp.pow(2).sum(1, keepdim=True)
+            dist = z_sq + e_sq - 2.0 * (zs @ e_sem.T + w * (zp @ e_pix.T))
+            out[start : start + _DISTANCE_CHUNK] = dist.argmin(dim=1)
+        return out
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices [...] -> concatenated normalised code vectors [..., Ds + Dp]."""
+        e_sem, e_pix = self.codes()
+        return torch.cat([e_sem[indices], e_pix[indices]], dim=-1)
+
+    def _quantize_scale(self, rest: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Quantize the residual at one scale: (normalised input, code vectors, indices)."""
+        b, c = rest.shape[:2]
+        z = resize(rest, size, "area").permute(0, 2, 3, 1).reshape(-1, c)
+        z_sem, z_pix = z.split(self.split, dim=1)
+        z = torch.cat([F.normalize(z_sem, dim=1), F.normalize(z_pix, dim=1)], dim=1)
+        idx = self.nearest(*z.split(self.split, dim=1))
+        return z, self.lookup(idx), idx.view(b, size * size)
+
+    def forward(self, features: torch.Tensor, drop_scale: int | None = None) -> QuantizerOutput:
+        """Quantize a [B, Ds+Dp, H, W] latent over all scales except ``drop_scale`` (an index)."""
+        b, c, h, w = features.shape
+        if h != self.grid or w != self.grid:
+            raise ValueError(f"latent grid {h}x{w} does not match the last scale {self.grid}")
+        if drop_scale == 0:
+            raise ValueError("the first scale is never dropped")
+        rest = features
+        accumulated = torch.zeros_like(features)
+        vq_terms, commit_terms = [], []
+        indices: dict[int, torch.Tensor] = {}
+        for i, size in enumerate(self.scales):
+            if i == drop_scale:
+                continue
+            z, zq, idx = self._quantize_scale(rest, size)
+            vq_terms.append(F.mse_loss(zq, z.detach()))
+            commit_terms.append(F.mse_loss(z, zq.detach()))
+            zq_st = zq + (z - z.detach())  # straight-through: value exactly zq, gradient to z
+            up = resize(zq_st.view(b, size, size, c).permute(0, 3, 1, 2), self.grid, "bicubic")
+            accumulated = accumulated + up
+            rest = rest - up.detach()
+            indices[size] = idx
+        return QuantizerOutput(
+            features=accumulated,
+            indices=indices,
+            vq_loss=torch.stack(vq_terms).mean(),
+            commit_loss=self.cfg.beta * torch.stack(commit_terms).mean(),
+        )
+
+    def split_tokens(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Flat scale-major tokens [B, sum s^2] -> per-scale [B, s*s] views."""
+        expected = sum(s * s for s in self.scales)
+        if tokens.shape[-1] != expected:
+            raise ValueError(f"expected {expected} tokens per image, got {tokens.shape[-1]}")
+        return list(tokens.split([s * s for s in self.scales], dim=-1))
+
+    def tokens_to_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Flat tokens [B, sum s^2] -> accumulated code features [B, Ds+Dp, grid, grid]."""
+        b = tokens.shape[0]
+        accumulated = None
+        for size, idx in zip(self.scales, self.split_tokens(tokens)):
+            codes = self.lookup(idx).view(b, size, size, -1).permute(0, 3, 1, 2)
+            up = resize(codes, self.grid, "bicubic")
+            accumulated = up if accumulated is None else accumulated + up
+        return accumulated.contiguous()  # same memory layout as forward's, so decoding matches bitwise
