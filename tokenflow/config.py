@@ -211,6 +211,55 @@ class TokenizerConfig(StrictModel):
         return self
 
 
+# --------------------------------------------------------------------------- stages
+
+
+class ShapesCorpusConfig(StrictModel):
+    """The procedural shapes corpus."""
+
+    num_samples: int = Field(2000, gt=0)
+    shard_size: int = Field(250, gt=0)
+    seed: int = 0
+    heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    image_size: int = Field(64, ge=48)
+
+
+class CorpusConfig(StrictModel):
+    """Where the images come from: the shapes corpus, or existing shards at a URL."""
+
+    source: Literal["shapes", "url"] = "shapes"
+    url: str | None = Field(default=None, description="Training shards: a directory, glob or file.")
+    heldout_url: str | None = Field(
+        default=None, description="Held-out shards; when unset, the last heldout_shards of url."
+    )
+    heldout_shards: int = Field(1, ge=0)
+    shapes: ShapesCorpusConfig = ShapesCorpusConfig()
+
+    @model_validator(mode="after")
+    def _url_given(self) -> "CorpusConfig":
+        if self.source == "url" and not self.url:
+            raise ValueError("corpus.source is 'url' but corpus.url is not set")
+        return self
+
+
+class PretokenizeConfig(StrictModel):
+    """Ray Data pre-tokenization: corpus shards -> token shards."""
+
+    batch_size: int = Field(64, gt=0, description="Decoded images held per encode call.")
+    micro_batch: int = Field(
+        16, gt=0, description="Fixed shape the model runs on (last one zero-padded); part of the "
+        "encoding identity, so tokens never depend on batch_size."
+    )
+    num_actors: int = Field(1, gt=0, description="Tokenizer actors (one model each).")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float | Literal["auto"] = Field(
+        "auto", description="'auto': 1 when the cluster has GPUs, else 0."
+    )
+    max_image_pixels: int = Field(64_000_000, gt=0, description="Larger images are quarantined.")
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    allow_tf32: bool = False
+
+
 # --------------------------------------------------------------------------- root
 
 
@@ -218,6 +267,8 @@ class TokenFlowConfig(StrictModel):
     """Root of every config file. Sections are added as stages need them."""
 
     tokenizer: TokenizerConfig
+    corpus: CorpusConfig = CorpusConfig()
+    pretokenize: PretokenizeConfig = PretokenizeConfig()
 
 
 # --------------------------------------------------------------------------- loading

@@ -1,0 +1,199 @@
+"""The pre-tokenize stage on a real local Ray instance, over real webdataset/Parquet files."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tokenflow import storage
+from tokenflow.config import PretokenizeConfig
+from tokenflow.data.manifest import corpus_manifest, index_shard
+from tokenflow.data.shapes import write_shapes_corpus
+from tokenflow.data.token_shards import iter_token_samples, read_table
+from tokenflow.data.verify import verify_token_shards
+from tokenflow.stages.pretokenize import run_pretokenize
+
+from tests.conftest import MODEL_CONFIGS, REPO
+from tests.fixtures.odd_images import odd_image_samples
+
+_EXT = {"jpeg": "jpg", "png": "png", "webp": "webp", "gif": "gif", "tiff": "tif"}
+
+
+def _ext(case: str) -> str:
+    return next((e for k, e in _EXT.items() if k in case), "jpg")
+
+
+def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _file_tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def mixed_corpus(tmp_path_factory) -> dict:
+    """Shapes shards plus an odd-formats webdataset shard, a cut-off tar and a Parquet shard."""
+    root = tmp_path_factory.mktemp("corpus")
+    splits = write_shapes_corpus(str(root / "shapes"), num_samples=40, shard_size=12, seed=0)
+    members = []
+    for case, (data, _) in sorted(odd_image_samples().items()):
+        members += [(f"odd-{case}.{_ext(case)}", data), (f"odd-{case}.txt", case.encode())]
+    members.append(("odd-caption_only.txt", b"no image here"))
+    _write_tar(root / "odd-000000.tar", members)
+    whole = root / "whole.tar"
+    _write_tar(whole, [(f"cut-{i}.png", odd_image_samples()["rgb_png"][0]) for i in range(6)])
+    with tarfile.open(whole) as tar:
+        cut_at = tar.getmembers()[3].offset_data + 10  # inside the 4th image's bytes
+    (root / "cut-000000.tar").write_bytes(whole.read_bytes()[:cut_at])
+    whole.unlink()
+    train = [*splits["train"], str(root / "odd-000000.tar"), str(root / "cut-000000.tar")]
+    return corpus_manifest({"train": [index_shard(u) for u in train],
+                            "heldout": [index_shard(u) for u in splits["heldout"]]},
+                           source={"test": "mixed"})
+
+
+def test_odd_formats_tokenized_broken_quarantined_counts_reconcile(ray_local, mixed_corpus,
+                                                                   tiny_tokenizer_path, tmp_path):
+    out = str(tmp_path / "tokens")
+    cfg = PretokenizeConfig(batch_size=8, micro_batch=4, num_actors=2, cpus_per_actor=1,
+                            max_image_pixels=4_000_000)
+    manifest = run_pretokenize(mixed_corpus, str(tiny_tokenizer_path), out, cfg)
+    assert verify_token_shards(out) == []
+
+    odd = next(e for e in manifest["splits"]["train"]["shards"] if e["source"] == "odd-000000.tar")
+    tokens = {s.key: s for s in iter_token_samples([storage.join(out, odd["path"])])}
+    quarantine = {r["key"]: r for r in read_table(storage.join(out, "_QUARANTINE.parquet")).to_pylist()}
+    for case, (_, reason) in odd_image_samples().items():
+        key = f"odd-{case}"
+        if reason is None:
+            assert key in tokens and key not in quarantine, case
+            assert tokens[key].tokens.shape == (130,) and tokens[key].caption == case
+        else:
+            assert key not in tokens, case
+            assert quarantine[key]["reason"].startswith(reason), (case, quarantine[key]["reason"])
+    assert quarantine["odd-caption_only"]["reason"] == "missing_image"
+    assert any(r["reason"].startswith("unreadable_tar") and r["shard"] == "cut-000000.tar"
+               for r in quarantine.values())
+
+    corpus_total = sum(b["samples"] for b in mixed_corpus["splits"].values())
+    out_total = sum(b["rows"] + b["quarantined"] for b in manifest["splits"].values())
+    assert out_total == corpus_total == manifest["quarantine"]["rows"] + sum(
+        b["rows"] for b in manifest["splits"].values())
+    heldout = manifest["splits"]["heldout"]
+    assert heldout["rows"] == mixed_corpus["splits"]["heldout"]["samples"] and heldout["quarantined"] == 0
+
+
+def test_parquet_corpus_and_carried_fields(ray_local, tiny_tokenizer_path, tmp_path):
+    png = odd_image_samples()["rgb_png"][0]
+    table = pa.table({"key": ["a", "b", "c", "a"], "image": [png, None, png, png],
+                      "caption": ["first", "second", None, "dup"], "json": ['{"x": 1}', None, None, None]})
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    corpus = corpus_manifest({"train": [index_shard(str(tmp_path / "part-0.parquet"))]}, source={})
+    out = str(tmp_path / "tokens")
+    run_pretokenize(corpus, str(tiny_tokenizer_path), out, PretokenizeConfig(micro_batch=2))
+    assert verify_token_shards(out) == []
+    samples = list(iter_token_samples([f"{out}/shards/train/part-0.parquet"]))
+    assert [(s.key, s.caption, s.json) for s in samples] == [("a", "first", '{"x": 1}'), ("c", None, None)]
+    assert np.array_equal(samples[0].tokens, samples[1].tokens)  # same bytes, same tokens
+    reasons = sorted(r["reason"] for r in read_table(f"{out}/_QUARANTINE.parquet").to_pylist())
+    assert reasons == ["duplicate_key", "missing_image"]
+
+
+def test_tokens_do_not_depend_on_batch_size(ray_local, mixed_corpus, tiny_tokenizer_path, tmp_path):
+    trees = []
+    for batch_size in (3, 16):
+        out = tmp_path / f"bs{batch_size}"
+        run_pretokenize(mixed_corpus, str(tiny_tokenizer_path), str(out),
+                        PretokenizeConfig(batch_size=batch_size, micro_batch=4))
+        trees.append(_file_tree(out))
+    assert trees[0] == trees[1]
+
+
+def test_rerun_skips_finished_shards_and_refuses_foreign_outputs(ray_local, mixed_corpus,
+                                                                  tiny_tokenizer_path, tmp_path, tiny_config):
+    out = tmp_path / "tokens"
+    cfg = PretokenizeConfig(micro_batch=4)
+    run_pretokenize(mixed_corpus, str(tiny_tokenizer_path), str(out), cfg)
+    before = _file_tree(out)
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.parquet")}
+    run_pretokenize(mixed_corpus, str(tiny_tokenizer_path), str(out), cfg)
+    assert _file_tree(out) == before
+    assert mtimes == {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.parquet")}
+
+    import torch
+    from tokenflow.models.tokenizer import TokenFlowTokenizer
+    from tokenflow.models.weights import save_tokenizer
+
+    torch.manual_seed(1)
+    other = tmp_path / "other.safetensors"
+    save_tokenizer(TokenFlowTokenizer(tiny_config, with_teacher=False), other)
+    with pytest.raises(Exception, match="made from other inputs"):
+        run_pretokenize(mixed_corpus, str(other), str(out), cfg)
+
+
+def test_verify_catches_a_tampered_shard(ray_local, mixed_corpus, tiny_tokenizer_path, tmp_path):
+    out = tmp_path / "tokens"
+    run_pretokenize(mixed_corpus, str(tiny_tokenizer_path), str(out), PretokenizeConfig(micro_batch=4))
+    shard = sorted((out / "shards" / "train").glob("shapes-*.parquet"))[0]
+    table = pq.read_table(shard)
+    tokens = table.column("tokens").to_pylist()
+    tokens[0][5] = (tokens[0][5] + 1) % 512
+    pq.write_table(table.set_column(1, table.schema.field("tokens"),
+                                    pa.array(tokens, table.schema.field("tokens").type)), shard)
+    problems = verify_token_shards(str(out))
+    assert any(shard.stem in p and "content differs" in p for p in problems), problems
+    cli = subprocess.run([sys.executable, "-m", "tokenflow.cli", "shards", "verify", str(out)],
+                         capture_output=True, text=True)
+    assert cli.returncode == 1 and "content differs" in cli.stderr
+
+
+def _pretokenize_cmd(corpus_dir: Path, tokenizer: Path, out: Path) -> list[str]:
+    return [sys.executable, str(REPO / "pipelines" / "pretokenize.py"),
+            "--config", str(MODEL_CONFIGS / "tokenflow-tiny.yaml"),
+            "--set", "pretokenize.micro_batch=4", "--set", "pretokenize.batch_size=4",
+            "--corpus", str(corpus_dir), "--tokenizer", str(tokenizer), "--out", str(out)]
+
+
+def test_killed_driver_then_rerun_is_byte_identical(tiny_tokenizer_path, tmp_path):
+    """Kill the driver process mid-stage (SIGKILL), re-run, compare with an uninterrupted run."""
+    from tokenflow.config import CorpusConfig, ShapesCorpusConfig
+    from tokenflow.stages.corpus import build_corpus
+
+    corpus_dir = tmp_path / "corpus"
+    build_corpus(CorpusConfig(shapes=ShapesCorpusConfig(num_samples=240, shard_size=20, seed=3)),
+                 str(corpus_dir))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    subprocess.run(_pretokenize_cmd(corpus_dir, tiny_tokenizer_path, clean), env=env, check=True,
+                   capture_output=True)
+
+    proc = subprocess.Popen(_pretokenize_cmd(corpus_dir, tiny_tokenizer_path, killed), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((killed / "shards").rglob("*.parquet")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_at_kill = len(list((killed / "shards").rglob("*.parquet")))
+    assert 0 < done_at_kill < 12, "the kill must land mid-stage"
+    assert not (killed / "_MANIFEST.json").exists()
+
+    subprocess.run(_pretokenize_cmd(corpus_dir, tiny_tokenizer_path, killed), env=env, check=True,
+                   capture_output=True)
+    assert _file_tree(killed) == _file_tree(clean)

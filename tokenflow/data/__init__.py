@@ -1,0 +1,1 @@
+"""Corpus readers, preprocessing, token-shard schema and the procedural `shapes` corpus."""

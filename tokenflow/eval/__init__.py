@@ -1,0 +1,1 @@
+"""Reconstruction, understanding and generation benchmarks and scorers."""

@@ -1,0 +1,57 @@
+"""The corpus stage: build the shapes corpus or index existing shards, and write its manifest."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable
+
+from tokenflow import storage
+from tokenflow.config import CorpusConfig
+from tokenflow.data.corpus import CorpusError, list_shards
+from tokenflow.data.manifest import ShardRecord, corpus_manifest, index_shard
+from tokenflow.data.shapes import write_shapes_corpus
+from tokenflow.data.token_shards import MANIFEST_NAME
+
+log = logging.getLogger(__name__)
+
+Mapper = Callable[[Callable[[str], ShardRecord], list[str]], list[ShardRecord]]
+
+
+def _serial_map(fn: Callable[[str], ShardRecord], urls: Iterable[str]) -> list[ShardRecord]:
+    return [fn(u) for u in urls]
+
+
+def ray_map(fn: Callable[[str], ShardRecord], urls: list[str]) -> list[ShardRecord]:
+    """Index shards as parallel Ray tasks (order preserved)."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(fn)
+    return ray.get([task.remote(u) for u in urls])
+
+
+def corpus_splits(cfg: CorpusConfig, out_url: str) -> dict[str, list[str]]:
+    """Shard URLs per split: generated for ``shapes``, listed for ``url``."""
+    if cfg.source == "shapes":
+        s = cfg.shapes
+        return write_shapes_corpus(storage.join(out_url, "data"), s.num_samples, s.shard_size, s.seed,
+                                   s.heldout_fraction, s.image_size)
+    train = list_shards(cfg.url)
+    if cfg.heldout_url:
+        return {"train": train, "heldout": list_shards(cfg.heldout_url)}
+    if cfg.heldout_shards >= len(train):
+        raise CorpusError(f"{cfg.url}: {len(train)} shards cannot spare {cfg.heldout_shards} for held-out")
+    cut = len(train) - cfg.heldout_shards
+    return {"train": train[:cut], "heldout": train[cut:]}
+
+
+def build_corpus(cfg: CorpusConfig, out_url: str, mapper: Mapper = _serial_map) -> dict[str, Any]:
+    """Make or index the corpus, write ``<out_url>/_MANIFEST.json`` last, and return the manifest."""
+    splits = corpus_splits(cfg, out_url)
+    records = {split: mapper(index_shard, urls) for split, urls in splits.items()}
+    source = cfg.model_dump(mode="json")
+    manifest = corpus_manifest(records, source)
+    for split, block in manifest["splits"].items():
+        log.info("corpus %s: %d shards, %d samples, %.1f MB", split, len(block["shards"]),
+                 block["samples"], block["bytes"] / 1e6)
+    storage.write_json_atomic(storage.join(out_url, MANIFEST_NAME), manifest)
+    return manifest

@@ -1,0 +1,76 @@
+"""fsspec helpers: every path in the pipeline is a URL (local path, file://, memory://, s3://, ...)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem serving ``url`` and the path within it."""
+    return fsspec.core.url_to_fs(url)
+
+
+def join(url: str, *parts: str) -> str:
+    """Join URL segments with '/'."""
+    return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def basename(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write ``data`` so readers see either nothing or the whole file.
+
+    Local filesystems: write a uniquely named temp file beside the target, then rename. Object
+    stores (and memory://) publish an object only when its upload completes, so they are written
+    in place.
+    """
+    fs, path = filesystem(url)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    else:
+        with fs.open(path, "wb") as f:
+            f.write(data)
+
+
+def remove_stale_temps(url: str) -> int:
+    """Delete temp files a killed writer left under ``url``; returns how many."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return 0
+    stale = [p for p in fs.find(path) if ".tmp-" in basename(p)]
+    for p in stale:
+        fs.rm(p)
+    return len(stale)
+
+
+def write_json_atomic(url: str, value: Any) -> None:
+    """Atomically write ``value`` as indented JSON with sorted keys (stable bytes)."""
+    write_bytes_atomic(url, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_bytes(url))
