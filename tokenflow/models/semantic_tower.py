@@ -7,8 +7,9 @@ is downloaded unless the configured source asks for it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -76,6 +77,18 @@ def _open_clip_tokens(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
 _Built = tuple[nn.Module, int, int, dict[str, Any]]
 
 
+@contextlib.contextmanager
+def _root_logging_at(level: int) -> Iterator[None]:
+    """open_clip logs its construction steps on the root logger; keep them out of ours."""
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(max(level, previous))
+    try:
+        yield
+    finally:
+        root.setLevel(previous)
+
+
 def _build_open_clip(cfg: SemanticEncoderConfig, image_size: int) -> _Built:
     import open_clip
 
@@ -88,7 +101,9 @@ def _build_open_clip(cfg: SemanticEncoderConfig, image_size: int) -> _Built:
     kwargs: dict[str, Any] = {"force_image_size": image_size, "vision_cfg": vision_cfg}
     if cfg.pretrained is None:
         kwargs["text_cfg"] = _MINIMAL_TEXT_CFG
-    model = open_clip.create_model(cfg.arch, pretrained=cfg.pretrained, **kwargs)
+    log.info("building open_clip %s tower (%s)", cfg.arch, cfg.pretrained or "random init")
+    with _root_logging_at(logging.WARNING):
+        model = open_clip.create_model(cfg.arch, pretrained=cfg.pretrained, **kwargs)
     visual = model.visual
     del model
     trunk = getattr(visual, "trunk", None)
