@@ -19,6 +19,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 INCLUDE_KEY = "include"
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+# Filled in from each training stage's own settings, never from the DeepSpeed file.
+DEEPSPEED_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
+                        "gradient_accumulation_steps", "gradient_clipping", "optimizer", "scheduler")
 
 
 class ConfigError(ValueError):
@@ -260,6 +264,72 @@ class PretokenizeConfig(StrictModel):
     allow_tf32: bool = False
 
 
+def deepspeed_config_path(name: str) -> Path:
+    """A DeepSpeed config: a name under configs/deepspeed/ (``zero2``) or a path to a YAML/JSON file."""
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        path = CONFIG_ROOT / "deepspeed" / f"{name}.yaml"
+    return path
+
+
+def load_deepspeed_config(name: str) -> dict[str, Any]:
+    """Read and check a DeepSpeed config (YAML with include:, or JSON)."""
+    data = load_yaml_tree(deepspeed_config_path(name))
+    stage = data.get("zero_optimization", {}).get("stage")
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed config {name!r}: zero_optimization.stage must be 0-3, got {stage!r}")
+    owned = [k for k in DEEPSPEED_OWNED_KEYS if k in data]
+    if owned:
+        raise ValueError(f"deepspeed config {name!r} sets {owned}; these come from the stage's own "
+                         "settings (micro_batch_size, grad_accum, grad_clip, lr, betas)")
+    return data
+
+
+class AugmentConfig(StrictModel):
+    """Training augmentation: random short-side resize in [S, S/min_scale], random crop, flip."""
+
+    min_scale: float = Field(0.8, gt=0.0, le=1.0)
+
+
+class TrainTokenizerConfig(StrictModel):
+    """Tokenizer training on Ray Train workers, each running DeepSpeed engines."""
+
+    steps: int = Field(1000, gt=0)
+    micro_batch_size: int = Field(8, gt=0, description="Images per worker per micro-step.")
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0)
+    deepspeed: str = Field("zero2", description="Name under configs/deepspeed/ or a file path.")
+    checkpoint_every: int = Field(200, gt=0)
+    log_every: int = Field(10, gt=0)
+    image_every: int = Field(200, gt=0, description="Held-out reconstruction grid interval.")
+    heldout_images: int = Field(8, gt=0)
+    augment: AugmentConfig = AugmentConfig()
+    max_image_pixels: int = Field(64_000_000, gt=0)
+
+    @model_validator(mode="after")
+    def _deepspeed_readable(self) -> "TrainTokenizerConfig":
+        try:
+            load_deepspeed_config(self.deepspeed)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class TrackingConfig(StrictModel):
+    """MLflow tracking. The URI may also come from MLFLOW_TRACKING_URI."""
+
+    tracking_uri: str | None = Field(
+        default=None, description="None: MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db"
+    )
+    experiment: str = "tokenflow"
+
+
 # --------------------------------------------------------------------------- root
 
 
@@ -269,6 +339,8 @@ class TokenFlowConfig(StrictModel):
     tokenizer: TokenizerConfig
     corpus: CorpusConfig = CorpusConfig()
     pretokenize: PretokenizeConfig = PretokenizeConfig()
+    train_tokenizer: TrainTokenizerConfig = Field(default_factory=TrainTokenizerConfig)
+    tracking: TrackingConfig = TrackingConfig()
 
 
 # --------------------------------------------------------------------------- loading

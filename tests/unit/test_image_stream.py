@@ -1,0 +1,60 @@
+import io
+import tarfile
+
+import pytest
+import torch
+
+from tokenflow.data.corpus import iter_shard
+from tokenflow.data.manifest import index_shard
+from tokenflow.data.shapes import write_shapes_corpus
+from tokenflow.train.image_stream import ImageStream
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    urls = write_shapes_corpus(str(root), num_samples=48, shard_size=8, seed=0, heldout_fraction=0.0)
+    return [index_shard(u) for u in urls["train"]]
+
+
+def _drain(stream: ImageStream, batches: int, batch_size: int) -> torch.Tensor:
+    return torch.cat([stream.next_batch(batch_size) for _ in range(batches)])
+
+
+def test_same_seed_same_batches_and_resume_replays_exactly(shards):
+    a = ImageStream(shards, rank=0, world_size=1, seed=3, image_size=64)
+    full = _drain(a, 10, 8)  # 80 images: crosses an epoch boundary (48 per epoch)
+    b = ImageStream(shards, rank=0, world_size=1, seed=3, image_size=64)
+    first = _drain(b, 4, 8)
+    state = b.state_dict()
+    c = ImageStream(shards, rank=0, world_size=1, seed=3, image_size=64)
+    c.load_state_dict(state)
+    rest = _drain(c, 6, 8)
+    assert torch.equal(torch.cat([first, rest]), full)
+    assert not torch.equal(_drain(ImageStream(shards, 0, 1, seed=4, image_size=64), 1, 8), full[:8])
+
+
+def test_workers_split_the_epoch_without_overlap(shards):
+    def epoch_keys(rank: int, world: int) -> list[str]:
+        stream = ImageStream(shards, rank, world, seed=0, image_size=64)
+        return [s.key for _, s in stream._epoch_samples(0)]
+
+    for world in (2, 3, 8):  # 6 shards: by shard for 2 and 3 workers, by sample for 8
+        parts = [epoch_keys(r, world) for r in range(world)]
+        flat = [k for p in parts for k in p]
+        assert len(flat) == len(set(flat)) == 48, world
+    assert epoch_keys(0, 2) != epoch_keys(0, 1)[: len(epoch_keys(0, 2))]  # shuffled per epoch
+
+
+def test_undecodable_sample_is_quarantined_not_fatal(tmp_path, shards):
+    tar_path = tmp_path / "bad.tar"
+    good = next(iter_shard(shards[0].url))
+    with tarfile.open(tar_path, "w") as tar:
+        for key, data in (("ok", good.image), ("broken", b"not an image")):
+            info = tarfile.TarInfo(f"{key}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    stream = ImageStream([index_shard(str(tar_path))], 0, 1, seed=0, image_size=64)
+    batch = stream.next_batch(3)
+    assert batch.shape == (3, 3, 64, 64) and float(batch.min()) >= 0 and float(batch.max()) <= 1
+    assert {(q.key, q.reason) for q in stream.quarantined} == {("broken", "undecodable")}

@@ -1,0 +1,1 @@
+"""Training: DeepSpeed engines on Ray Train workers, data streams, checkpoints."""
