@@ -12,14 +12,14 @@ def _quantizer(scales=(1, 2, 3, 4, 6, 8), k=256, w=1.0) -> SharedMappingQuantize
     torch.manual_seed(0)
     q = SharedMappingQuantizer(QuantizerConfig(codebook_size=k, scales=scales, pixel_distance_weight=w))
     with torch.no_grad():  # spread the codes so nearest-code decisions are not near-ties
-        q.semantic_codebook.weight.normal_()
-        q.pixel_codebook.weight.normal_()
+        q.semantic_codebook.normal_()
+        q.pixel_codebook.normal_()
     return q
 
 
 def _brute_force(q: SharedMappingQuantizer, z_sem: torch.Tensor, z_pix: torch.Tensor) -> torch.Tensor:
-    e_sem = F.normalize(q.semantic_codebook.weight.double(), dim=1)
-    e_pix = F.normalize(q.pixel_codebook.weight.double(), dim=1)
+    e_sem = F.normalize(q.semantic_codebook.double(), dim=1)
+    e_pix = F.normalize(q.pixel_codebook.double(), dim=1)
     d_sem = ((z_sem.double()[:, None, :] - e_sem[None]) ** 2).sum(-1)
     d_pix = ((z_pix.double()[:, None, :] - e_pix[None]) ** 2).sum(-1)
     return (d_sem + q.cfg.pixel_distance_weight * d_pix).argmin(dim=1)
@@ -54,8 +54,8 @@ def test_multiscale_indices_match_an_independent_residual_loop():
         zs, zp = F.normalize(down[:, :32], dim=1), F.normalize(down[:, 32:], dim=1)
         idx = _brute_force(q, zs, zp)
         assert torch.equal(out.indices[s].reshape(-1), idx), f"scale {s}"
-        codes = torch.cat([F.normalize(q.semantic_codebook.weight, dim=1)[idx],
-                           F.normalize(q.pixel_codebook.weight, dim=1)[idx]], dim=1)
+        codes = torch.cat([F.normalize(q.semantic_codebook, dim=1)[idx],
+                           F.normalize(q.pixel_codebook, dim=1)[idx]], dim=1)
         codes = codes.view(2, s, s, 40).permute(0, 3, 1, 2)
         if s != 8:
             codes = F.interpolate(codes, size=(8, 8), mode="bicubic", align_corners=False)
@@ -96,8 +96,8 @@ def test_gradients_reach_both_codebooks_and_the_input():
     f = torch.randn(2, 40, 8, 8, requires_grad=True)
     out = q(f)
     (out.features.square().mean() + out.vq_loss + out.commit_loss).backward()
-    assert q.semantic_codebook.weight.grad.abs().sum() > 0
-    assert q.pixel_codebook.weight.grad.abs().sum() > 0
+    assert q.semantic_codebook.grad.abs().sum() > 0
+    assert q.pixel_codebook.grad.abs().sum() > 0
     assert f.grad.abs().sum() > 0
 
 

@@ -8,7 +8,7 @@ bicubically to the full grid, accumulated, and subtracted from the residual.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +20,8 @@ from tokenflow.config import QuantizerConfig
 _DISTANCE_CHUNK = 4096
 
 
-@dataclass
-class QuantizerOutput:
-    """What one quantization pass gives back."""
+class QuantizerOutput(NamedTuple):
+    """What one quantization pass gives back (a NamedTuple, so ZeRO-3 hooks see its tensors)."""
 
     features: torch.Tensor  # [B, Ds + Dp, H, W] accumulated codes (straight-through in training)
     indices: dict[int, torch.Tensor]  # scale -> [B, s*s] indices of the scales used
@@ -47,13 +46,11 @@ class SharedMappingQuantizer(nn.Module):
         self.cfg = cfg
         self.scales = tuple(cfg.scales)
         self.split = (cfg.semantic_dim, cfg.pixel_dim)
-        self.semantic_codebook = nn.Embedding(cfg.codebook_size, cfg.semantic_dim)
-        self.pixel_codebook = nn.Embedding(cfg.codebook_size, cfg.pixel_dim)
+        # Direct parameters (not nn.Embedding): ZeRO-3 gathers a module's own parameters for its
+        # forward and backward, and the codebooks are only ever read inside this module.
         k = cfg.codebook_size
-        for book in (self.semantic_codebook, self.pixel_codebook):
-            nn.init.uniform_(book.weight, -1.0 / k, 1.0 / k)
-            with torch.no_grad():
-                book.weight.copy_(F.normalize(book.weight, dim=1))
+        self.semantic_codebook = nn.Parameter(F.normalize(torch.empty(k, cfg.semantic_dim).uniform_(-1 / k, 1 / k), dim=1))
+        self.pixel_codebook = nn.Parameter(F.normalize(torch.empty(k, cfg.pixel_dim).uniform_(-1 / k, 1 / k), dim=1))
 
     @property
     def grid(self) -> int:
@@ -62,8 +59,8 @@ class SharedMappingQuantizer(nn.Module):
     def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The two L2-normalised codebooks, [K, Ds] and [K, Dp]."""
         return (
-            F.normalize(self.semantic_codebook.weight, dim=1),
-            F.normalize(self.pixel_codebook.weight, dim=1),
+            F.normalize(self.semantic_codebook, dim=1),
+            F.normalize(self.pixel_codebook, dim=1),
         )
 
     def nearest(self, z_sem: torch.Tensor, z_pix: torch.Tensor) -> torch.Tensor:

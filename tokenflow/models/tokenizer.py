@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +17,9 @@ from tokenflow.models.semantic_decoder import SemanticDecoder, semantic_projecti
 from tokenflow.models.semantic_tower import SemanticTower
 
 
-@dataclass
-class TokenizerOutput:
-    """One forward pass. Images are in [-1, 1] here; the public API speaks [0, 1]."""
+class TokenizerOutput(NamedTuple):
+    """One forward pass (a NamedTuple, so ZeRO-3 hooks see its tensors). Images are in [-1, 1]
+    here; the public API speaks [0, 1]."""
 
     reconstruction: torch.Tensor  # [B, 3, H, W], unclamped, [-1, 1] range
     semantic_prediction: torch.Tensor  # [B, g*g, T] predicted teacher tokens

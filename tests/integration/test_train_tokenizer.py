@@ -1,0 +1,126 @@
+"""Tokenizer training on 2 Ray Train workers, each with DeepSpeed engines on CPU (gloo)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tokenflow.config import CorpusConfig, ShapesCorpusConfig, load_config
+from tokenflow.stages.corpus import build_corpus
+from tokenflow.stages.train_tokenizer import run_train_tokenizer
+
+from tests.conftest import MODEL_CONFIGS, REPO
+
+TINY = MODEL_CONFIGS / "tokenflow-tiny.yaml"
+FAST = ["train_tokenizer.num_workers=2", "train_tokenizer.cpus_per_worker=0.5",
+        "train_tokenizer.micro_batch_size=2", "train_tokenizer.log_every=1",
+        "train_tokenizer.image_every=4", "train_tokenizer.heldout_images=4",
+        "tokenizer.discriminator.start_step=2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("corpus")
+    build_corpus(CorpusConfig(shapes=ShapesCorpusConfig(num_samples=96, shard_size=16, seed=5)), str(out))
+    return out
+
+
+def _manifest(corpus: Path) -> dict:
+    from tokenflow import storage
+
+    return storage.read_json(str(corpus / "_MANIFEST.json"))
+
+
+def _history(out: Path, metric: str) -> dict[int, float]:
+    """Last logged value per step (a resumed run re-logs the steps after its checkpoint)."""
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    run = client.search_runs([mlflow.get_experiment_by_name("tokenflow").experiment_id])[0]
+    values: dict[int, float] = {}
+    for m in sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.timestamp):
+        values[m.step] = m.value
+    return values
+
+
+def _cmd(corpus: Path, out: Path, overrides: list[str]) -> list[str]:
+    cmd = [sys.executable, str(REPO / "pipelines" / "train_tokenizer.py"), "--config", str(TINY),
+           "--corpus", str(corpus), "--out", str(out)]
+    for item in [*FAST, *overrides]:
+        cmd += ["--set", item]
+    return cmd
+
+
+def test_zero3_two_workers_train_and_log_everything_promised(ray_local, corpus, tmp_path):
+    out = tmp_path / "zero3"
+    cfg = load_config(TINY, [*FAST, "train_tokenizer.steps=4", "train_tokenizer.checkpoint_every=4",
+                             "train_tokenizer.deepspeed=zero3"])
+    manifest = run_train_tokenizer(cfg, _manifest(corpus), str(out))
+    assert (out / "tokenizer.safetensors").stat().st_size == manifest["tokenizer"]["bytes"]
+
+    from tokenflow.models.weights import load_tokenizer
+
+    model = load_tokenizer(out / "tokenizer.safetensors")  # the ZeRO-3 partitions were gathered
+    assert model.teacher is None and model.encode(__import__("torch").rand(1, 3, 64, 64)).shape == (1, 130)
+
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    run = client.get_run(manifest["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    for param in ("config_hash", "git_commit", "corpus_manifest_digest", "train_tokenizer.deepspeed",
+                  "tokenizer.quantizer.codebook_size"):
+        assert param in run.data.params, param
+    assert run.data.params["train_tokenizer.deepspeed"] == "zero3"
+    for metric in ("loss/total", "loss/l2", "loss/semantic", "loss/vq", "loss/commit", "loss/gan",
+                   "loss/disc", "codebook/usage", "codebook/perplexity", "samples_per_s", "lr",
+                   "heldout_psnr", "heldout_psnr_mean_color"):
+        assert len(client.get_metric_history(run.info.run_id, metric)) >= 1, metric
+    assert len(client.get_metric_history(run.info.run_id, "loss/total")) == 4
+    assert client.get_metric_history(run.info.run_id, "loss/disc")[-1].value > 0  # GAN started
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "reconstructions")] == [
+        "reconstructions/heldout_step0000004.png"]
+    assert run.data.tags["tokenflow.tokenizer_sha256"] == manifest["tokenizer"]["sha256"]
+
+
+def test_zero2_killed_job_resumes_with_identical_losses(corpus, tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    steps = ["train_tokenizer.steps=6", "train_tokenizer.checkpoint_every=2"]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    subprocess.run(_cmd(corpus, clean, steps), env=env, check=True, capture_output=True)
+
+    proc = subprocess.Popen(_cmd(corpus, killed, steps), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and not list((killed / "train").glob("checkpoint_*/rank1.json")):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "_MANIFEST.json").exists(), "the kill must land before the end"
+    subprocess.run(_cmd(corpus, killed, steps), env=env, check=True, capture_output=True)
+
+    expected, resumed = _history(clean, "loss/total"), _history(killed, "loss/total")
+    assert sorted(expected) == sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in expected:
+        assert abs(expected[step] - resumed[step]) <= 1e-6, (step, expected[step], resumed[step])
+    assert (clean / "tokenizer.safetensors").read_bytes() == (killed / "tokenizer.safetensors").read_bytes()
+
+
+def test_corrupt_optimizer_state_fails_loudly(ray_local, corpus, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(TINY, [*FAST, "train_tokenizer.steps=2", "train_tokenizer.checkpoint_every=2"])
+    run_train_tokenizer(cfg, _manifest(corpus), str(out))
+    latest = sorted((out / "train").glob("checkpoint_*"))[-1]
+    optim = sorted(latest.glob("generator/state/*optim_states.pt"))[0]
+    optim.write_bytes(optim.read_bytes()[:100])
+    longer = load_config(TINY, [*FAST, "train_tokenizer.steps=4", "train_tokenizer.checkpoint_every=2"])
+    with pytest.raises(Exception, match="cannot load"):
+        run_train_tokenizer(longer, _manifest(corpus), str(out))
+    optim.unlink()
+    with pytest.raises(Exception, match="optimizer state missing"):
+        run_train_tokenizer(longer, _manifest(corpus), str(out))

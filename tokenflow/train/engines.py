@@ -1,0 +1,45 @@
+"""DeepSpeed engine setup shared by every training stage."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenflow.config import load_deepspeed_config
+
+log = logging.getLogger(__name__)
+
+
+def deepspeed_config(name: str, micro_batch_size: int, grad_accum: int, grad_clip: float) -> dict[str, Any]:
+    """The DeepSpeed config file ``name`` completed with the stage's batch and clipping settings."""
+    return {**load_deepspeed_config(name), "train_micro_batch_size_per_gpu": micro_batch_size,
+            "gradient_accumulation_steps": grad_accum, "gradient_clipping": grad_clip}
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group Ray Train already set up (gloo on CPU, nccl on GPU)."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def make_engine(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]):
+    """A DeepSpeed engine around ``model`` with a client torch optimizer (no JIT-built ops)."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def worker_device(use_gpu: bool) -> torch.device:
+    """This worker's device: its Ray-assigned GPU, or the CPU."""
+    if use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")

@@ -1,0 +1,221 @@
+"""The per-worker tokenizer training loop run by Ray Train (``TorchTrainer``).
+
+Each worker holds two DeepSpeed engines: the tokenizer (generator) and the PatchGAN
+discriminator, each with its own Adam. The discriminator and the adversarial term start at
+``tokenizer.discriminator.start_step``. Rank 0 logs to MLflow; every rank takes part in the
+collective work (ZeRO partitions, held-out evaluation, checkpoints).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tokenflow.config import TokenFlowConfig
+from tokenflow.data.decode import DecodeError, decode_image, preprocess
+from tokenflow.data.corpus import iter_shard
+from tokenflow.data.manifest import ShardRecord
+from tokenflow.eval.image_metrics import mean_color_baseline, psnr
+from tokenflow.models.discriminator import PatchDiscriminator
+from tokenflow.models.losses import TokenizerLoss
+from tokenflow.models.tokenizer import TokenFlowTokenizer
+from tokenflow.train.checkpoint import load_checkpoint, save_checkpoint
+from tokenflow.train.engines import deepspeed_config, init_distributed, make_engine, worker_device
+from tokenflow.train.image_stream import ImageStream, QuarantinedSample
+
+log = logging.getLogger(__name__)
+
+LOSS_TERMS = ("total", "l2", "semantic", "vq", "commit", "perceptual", "gan", "disc")
+
+
+def heldout_images(records: list[ShardRecord], count: int, image_size: int) -> torch.Tensor:
+    """The first ``count`` decodable held-out images, centre-cropped: the same on every rank."""
+    images = []
+    for record in records:
+        for sample in iter_shard(record.url):
+            if sample.problem is None:
+                try:
+                    images.append(preprocess(decode_image(sample.image), image_size))
+                except DecodeError:
+                    continue
+            if len(images) == count:
+                return torch.stack(images)
+    if not images:
+        raise ValueError("the held-out split has no decodable images")
+    return torch.stack(images)
+
+
+def _seed_for(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (stable across processes, unlike str hashes)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / world_size for k, v in zip(keys, t)}
+
+
+def _global_usage(model: TokenFlowTokenizer) -> tuple[float, float]:
+    counts = model.usage.counts.double()
+    dist.all_reduce(counts)
+    total = counts.sum()
+    if total == 0:
+        return 0.0, 0.0
+    p = counts / total
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return float((counts > 0).double().mean()), float(entropy.exp())
+
+
+class _Tracker:
+    """Rank 0's MLflow logging; a no-op on other ranks."""
+
+    def __init__(self, job: dict[str, Any], rank: int):
+        self.active = rank == 0 and job.get("mlflow_run_id") is not None
+        if self.active:
+            import mlflow
+
+            mlflow.set_tracking_uri(job["tracking_uri"])
+            self.client = mlflow.MlflowClient()
+            self.run_id = job["mlflow_run_id"]
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        if self.active:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in sorted(values.items())])
+
+    def image(self, path: Path, artifact_dir: str) -> None:
+        if self.active:
+            self.client.log_artifact(self.run_id, str(path), artifact_dir)
+
+
+def train_tokenizer_worker(job: dict[str, Any]) -> None:
+    """Train loop for one Ray Train worker; ``job`` is built by the stage driver."""
+    import ray.train
+
+    from tokenflow.viz import save_image_grid
+
+    cfg = TokenFlowConfig.model_validate(job["config"])
+    t, tok = cfg.train_tokenizer, cfg.tokenizer
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = worker_device(job["use_gpu"])
+    init_distributed(device)
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+
+    model = TokenFlowTokenizer(tok).to(device)
+    disc = PatchDiscriminator(tok.discriminator).to(device)
+    loss_fn = TokenizerLoss(tok).to(device)
+    ds_cfg = deepspeed_config(t.deepspeed, t.micro_batch_size, t.grad_accum, t.grad_clip)
+    gen = make_engine(model, torch.optim.Adam(model.trainable_parameters(), lr=t.lr, betas=t.betas), ds_cfg)
+    dis = make_engine(disc, torch.optim.Adam(disc.parameters(), lr=t.lr, betas=t.betas), ds_cfg)
+    engines = {"generator": gen, "discriminator": dis}
+
+    train = [ShardRecord(**r) for r in job["train_shards"]]
+    stream = ImageStream(train, rank, world, t.seed, tok.image_size, t.augment.min_scale, t.max_image_pixels)
+    heldout = heldout_images([ShardRecord(**r) for r in job["heldout_shards"]], t.heldout_images,
+                             tok.image_size).to(device)
+    baseline_psnr = float(psnr(mean_color_baseline(heldout), heldout).mean())
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(Path(directory), engines, rank, world)
+        step = state["step"]
+        stream.load_state_dict(state["stream"])
+        stream.quarantined = [QuarantinedSample(**q) for q in state["quarantined"]]
+        log.info("rank %d resumed at step %d", rank, step)
+    tracker = _Tracker(job, rank)
+
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        with torch.no_grad():
+            recon = ((gen.module(heldout).reconstruction + 1) / 2).clamp(0, 1)
+        model.train()
+        if tracker.active:
+            with tempfile.TemporaryDirectory() as tmp:
+                grid = save_image_grid(Path(tmp) / f"heldout_step{step:07d}.png", [heldout.cpu(), recon.cpu()],
+                                       ["held-out", f"reconstruction, step {step}"], scale=2)
+                tracker.image(grid, "reconstructions")
+        return {"heldout_psnr": float(psnr(recon, heldout).mean()), "heldout_psnr_mean_color": baseline_psnr}
+
+    per_step = t.micro_batch_size * t.grad_accum * world
+    last_time = time.perf_counter()
+    while step < t.steps:
+        terms_sum: dict[str, float] = {}
+        gan = loss_fn.gan_active(step)
+        for micro in range(t.grad_accum):
+            images = stream.next_batch(t.micro_batch_size).to(device)
+            generator = torch.Generator().manual_seed(_seed_for(t.seed, step, rank, micro))
+            out = gen(images, drop_scale=model.sample_drop_scale(generator))
+            disc.requires_grad_(False)
+            terms = loss_fn.generator_terms(images, out, step, dis.module if gan else None)
+            disc.requires_grad_(True)
+            gen.backward(terms["total"])
+            gen.step()
+            if gan:
+                d_loss = loss_fn.discriminator_loss(dis, images, out.reconstruction)
+                dis.backward(d_loss)
+                dis.step()
+                terms["disc"] = d_loss
+            for k, v in terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / t.grad_accum
+        step += 1
+
+        if step % t.log_every == 0 or step == t.steps:
+            values = _all_reduce_mean({f"loss/{k}": terms_sum.get(k, 0.0) for k in LOSS_TERMS
+                                       if k in terms_sum or k in ("gan", "disc")}, world)
+            usage, perplexity = _global_usage(model)
+            now = time.perf_counter()
+            values.update({"codebook/usage": usage, "codebook/perplexity": perplexity,
+                           "lr": gen.optimizer.param_groups[0]["lr"],
+                           "samples_per_s": per_step * t.log_every / max(now - last_time, 1e-9),
+                           "quarantined": float(len(stream.quarantined))})
+            last_time = now
+            if step % t.image_every == 0 or step == t.steps:
+                values.update(evaluate())
+            tracker.metrics(values, step)
+
+        if step % t.checkpoint_every == 0 or step == t.steps:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(Path(tmp), engines, rank, world,
+                                {"step": step, "stream": stream.state_dict(),
+                                 "quarantined": [q.__dict__ for q in stream.quarantined]})
+                ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    export_tokenizer(model, gen, job["export_url"], rank)
+    quarantined = [None] * world
+    dist.all_gather_object(quarantined, [q.__dict__ for q in stream.quarantined])
+    if rank == 0:
+        from tokenflow import storage
+
+        storage.write_json_atomic(job["quarantine_url"], sorted(
+            (q for part in quarantined for q in part), key=lambda q: (q["shard"], q["key"])))
+
+
+def export_tokenizer(model: TokenFlowTokenizer, engine: Any, url: str, rank: int) -> None:
+    """Write the inference export (no teacher) from rank 0; gathers ZeRO-3 partitions first."""
+    import deepspeed
+
+    from tokenflow import storage
+    from tokenflow.models.weights import save_tokenizer
+
+    params = [p for name, p in model.named_parameters() if not name.startswith("teacher.")]
+    zero3 = engine.zero_optimization_stage() == 3
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "tokenizer.safetensors"
+                save_tokenizer(model, path, include_teacher=False)
+                storage.write_bytes_atomic(url, path.read_bytes())

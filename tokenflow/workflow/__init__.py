@@ -1,0 +1,1 @@
+"""Workflow: durable stages, content hashes, lineage and MLflow tracking."""
