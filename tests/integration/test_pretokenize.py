@@ -178,7 +178,7 @@ def test_killed_driver_then_rerun_is_byte_identical(tiny_tokenizer_path, tmp_pat
     corpus_dir = tmp_path / "corpus"
     build_corpus(CorpusConfig(shapes=ShapesCorpusConfig(num_samples=240, shard_size=20, seed=3)),
                  str(corpus_dir))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local"}
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     subprocess.run(_pretokenize_cmd(corpus_dir, tiny_tokenizer_path, clean), env=env, check=True,
                    capture_output=True)

@@ -89,7 +89,9 @@ def test_zero3_two_workers_train_and_log_everything_promised(ray_local, corpus, 
 
 
 def test_zero2_killed_job_resumes_with_identical_losses(corpus, tmp_path):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # mlflow.set_tracking_uri in this process exports MLFLOW_TRACKING_URI; each run keeps its own store.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_ADDRESS="local")
     steps = ["train_tokenizer.steps=6", "train_tokenizer.checkpoint_every=2"]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     subprocess.run(_cmd(corpus, clean, steps), env=env, check=True, capture_output=True)
@@ -115,7 +117,7 @@ def test_corrupt_optimizer_state_fails_loudly(ray_local, corpus, tmp_path):
     out = tmp_path / "run"
     cfg = load_config(TINY, [*FAST, "train_tokenizer.steps=2", "train_tokenizer.checkpoint_every=2"])
     run_train_tokenizer(cfg, _manifest(corpus), str(out))
-    latest = sorted((out / "train").glob("checkpoint_*"))[-1]
+    latest = sorted((out / "train").glob("checkpoint_0*"))[-1]
     optim = sorted(latest.glob("generator/state/*optim_states.pt"))[0]
     optim.write_bytes(optim.read_bytes()[:100])
     longer = load_config(TINY, [*FAST, "train_tokenizer.steps=4", "train_tokenizer.checkpoint_every=2"])

@@ -47,8 +47,9 @@ def save_checkpoint(directory: Path, engines: dict[str, Any], rank: int, world_s
     (directory / f"rank{rank}.json").write_text(json.dumps(state, sort_keys=True))
 
 
-def _optimizer_files(engine_dir: Path) -> list[Path]:
-    return sorted((engine_dir / TAG).glob("*optim_states.pt"))
+def _own_optimizer_shard(engine_dir: Path, rank: int) -> list[Path]:
+    """This data-parallel rank's ZeRO optimizer shard(s)."""
+    return sorted((engine_dir / TAG).glob(f"zero_pp_rank_{rank}_*optim_states.pt"))
 
 
 def load_checkpoint(directory: Path, engines: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
@@ -62,8 +63,9 @@ def load_checkpoint(directory: Path, engines: dict[str, Any], rank: int, world_s
                               f"{world_size}; exact resume needs the same world size")
     for name, engine in engines.items():
         engine_dir = directory / name
-        if not _optimizer_files(engine_dir):
-            raise CheckpointError(f"{engine_dir}: optimizer state missing; refusing to resume without it")
+        if not _own_optimizer_shard(engine_dir, rank):
+            raise CheckpointError(f"{engine_dir}: optimizer state missing for rank {rank}; "
+                                  "refusing to resume without it")
         try:
             path, _ = engine.load_checkpoint(str(engine_dir), tag=TAG, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)

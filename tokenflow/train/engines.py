@@ -23,6 +23,9 @@ def init_distributed(device: torch.device) -> None:
     """Join the process group Ray Train already set up (gloo on CPU, nccl on GPU)."""
     import deepspeed
 
+    # DeepSpeed's CPU accelerator JIT-compiles a shared-memory allreduce op on first use (~45 s,
+    # a compiler on every node); gloo collectives serve the CPU path without it.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
 
 

@@ -192,7 +192,8 @@ def train_tokenizer_worker(job: dict[str, Any]) -> None:
                 save_checkpoint(Path(tmp), engines, rank, world,
                                 {"step": step, "stream": stream.state_dict(),
                                  "quarantined": [q.__dict__ for q in stream.quarantined]})
-                ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"checkpoint_{step:07d}")
 
     export_tokenizer(model, gen, job["export_url"], rank)
     quarantined = [None] * world
