@@ -115,3 +115,30 @@ def test_tokenflow_b_architecture_builds_and_encodes_561_tokens():
     tokens = model.encode(torch.rand(1, 3, 224, 224))
     assert tokens.shape == (1, 561)
     assert model.decode_indices(tokens).shape == (1, 3, 224, 224)
+
+
+def test_transformers_siglip_tower_builds_from_config_and_encodes(tiny_config):
+    tower = {"backend": "transformers", "arch": "siglip_vision_model", "patch_size": 8,
+             "feature_layer": -2, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+             "overrides": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                           "intermediate_size": 128}}
+    cfg = tiny_config.model_copy(update={"semantic_encoder": type(tiny_config.semantic_encoder)(**tower)})
+    model = TokenFlowTokenizer(cfg).eval()
+    assert model.semantic_encoder.token_dim == model.semantic_encoder.target_dim == 64
+    images = torch.rand(2, 3, 64, 64)
+    assert model.encode(images).shape == (2, 130)
+    assert model(images).semantic_target.shape == (2, 64, 64)
+
+
+def test_enhanced_decoder_is_wider_and_deeper():
+    base = load_config(MODEL_CONFIGS / "tokenflow-b.yaml", ["tokenizer.semantic_encoder.pretrained=null"])
+    enhanced = load_config(MODEL_CONFIGS / "tokenflow-b-enhanced-decoder.yaml",
+                           ["tokenizer.semantic_encoder.pretrained=null"])
+    from tokenflow.models.pixel_codec import PixelDecoder
+
+    def count(cfg):
+        return sum(p.numel() for p in PixelDecoder(cfg.tokenizer.pixel_codec).parameters())
+
+    assert count(enhanced) > 3 * count(base)
+    out = PixelDecoder(enhanced.tokenizer.pixel_codec)(torch.zeros(1, 256, 2, 2))
+    assert out.shape == (1, 3, 32, 32)
