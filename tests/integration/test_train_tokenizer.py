@@ -92,7 +92,9 @@ def test_zero2_killed_job_resumes_with_identical_losses(corpus, tmp_path):
     # mlflow.set_tracking_uri in this process exports MLFLOW_TRACKING_URI; each run keeps its own store.
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_ADDRESS="local")
-    steps = ["train_tokenizer.steps=6", "train_tokenizer.checkpoint_every=2"]
+    # Checkpoints every 2 of 10 steps: each one is a barrier of a second or more, so the kill
+    # after the first checkpoint lands well before the end.
+    steps = ["train_tokenizer.steps=10", "train_tokenizer.checkpoint_every=2"]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     subprocess.run(_cmd(corpus, clean, steps), env=env, check=True, capture_output=True)
 
@@ -100,14 +102,14 @@ def test_zero2_killed_job_resumes_with_identical_losses(corpus, tmp_path):
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 400
     while time.time() < deadline and not list((killed / "train").glob("checkpoint_*/rank1.json")):
-        time.sleep(0.5)
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "_MANIFEST.json").exists(), "the kill must land before the end"
     subprocess.run(_cmd(corpus, killed, steps), env=env, check=True, capture_output=True)
 
     expected, resumed = _history(clean, "loss/total"), _history(killed, "loss/total")
-    assert sorted(expected) == sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    assert sorted(expected) == sorted(resumed) == list(range(1, 11))
     for step in expected:
         assert abs(expected[step] - resumed[step]) <= 1e-6, (step, expected[step], resumed[step])
     assert (clean / "tokenizer.safetensors").read_bytes() == (killed / "tokenizer.safetensors").read_bytes()
