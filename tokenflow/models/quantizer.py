@@ -49,8 +49,11 @@ class SharedMappingQuantizer(nn.Module):
         # Direct parameters (not nn.Embedding): ZeRO-3 gathers a module's own parameters for its
         # forward and backward, and the codebooks are only ever read inside this module.
         k = cfg.codebook_size
-        self.semantic_codebook = nn.Parameter(F.normalize(torch.empty(k, cfg.semantic_dim).uniform_(-1 / k, 1 / k), dim=1))
-        self.pixel_codebook = nn.Parameter(F.normalize(torch.empty(k, cfg.pixel_dim).uniform_(-1 / k, 1 / k), dim=1))
+        def init(dim: int) -> nn.Parameter:
+            return nn.Parameter(F.normalize(torch.empty(k, dim).uniform_(-1 / k, 1 / k), dim=1))
+
+        self.semantic_codebook = init(cfg.semantic_dim)
+        self.pixel_codebook = init(cfg.pixel_dim)
 
     @property
     def grid(self) -> int:
