@@ -15,6 +15,11 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(url)
 
 
+def is_local(url: str) -> bool:
+    """True when ``url`` is on this machine's filesystem (a path or file://)."""
+    return isinstance(filesystem(url)[0], LocalFileSystem)
+
+
 def join(url: str, *parts: str) -> str:
     """Join URL segments with '/'."""
     return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])

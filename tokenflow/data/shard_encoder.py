@@ -52,7 +52,7 @@ def encoding_hash(tokenizer_digest: str, micro_batch: int) -> str:
 def local_copy(url: str, cache_dir: str | Path) -> Path:
     """A local path for ``url``: itself when local, else a copy downloaded into ``cache_dir``."""
     fs, path = storage.filesystem(url)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if storage.is_local(url):
         return Path(path)
     target = Path(cache_dir) / storage.basename(url)
     if not target.exists():

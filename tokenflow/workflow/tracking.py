@@ -20,12 +20,12 @@ def resolve_tracking_uri(cfg: TrackingConfig, storage_url: str) -> str:
         return cfg.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    fs, path = storage.filesystem(storage_url)
-    if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if not storage.is_local(storage_url):
         raise ValueError(f"storage {storage_url} is not local: set tracking.tracking_uri (or "
                          "MLFLOW_TRACKING_URI) to an MLflow server")
-    Path(path).mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{Path(path).resolve() / 'mlflow.db'}"
+    path = Path(storage.filesystem(storage_url)[1])
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path.resolve() / 'mlflow.db'}"
 
 
 def ensure_experiment(name: str, storage_url: str) -> str:
@@ -35,10 +35,10 @@ def ensure_experiment(name: str, storage_url: str) -> str:
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    fs, path = storage.filesystem(storage_url)
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-    location = Path(path).resolve().joinpath("mlartifacts").as_uri() if local else storage.join(
-        storage_url, "mlartifacts")
+    if storage.is_local(storage_url):
+        location = Path(storage.filesystem(storage_url)[1]).resolve().joinpath("mlartifacts").as_uri()
+    else:
+        location = storage.join(storage_url, "mlartifacts")
     return mlflow.create_experiment(name, artifact_location=location)
 
 
