@@ -7,6 +7,16 @@ from collections import deque
 import torch
 
 
+def usage_and_perplexity(counts: torch.Tensor) -> tuple[float, float]:
+    """(fraction of codes used, exp(entropy) of the code distribution) from per-code counts."""
+    total = counts.sum()
+    if total == 0:
+        return 0.0, 0.0
+    p = counts.double() / total
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return float((counts > 0).double().mean()), float(entropy.exp())
+
+
 class CodebookUsage:
     """Counts code indices over the last ``window`` updates.
 
@@ -32,12 +42,7 @@ class CodebookUsage:
         return self._total.clone()
 
     def usage(self) -> float:
-        return float((self._total > 0).float().mean())
+        return usage_and_perplexity(self._total)[0]
 
     def perplexity(self) -> float:
-        total = self._total.sum()
-        if total == 0:
-            return 0.0
-        p = self._total.double() / total
-        entropy = -(p[p > 0] * p[p > 0].log()).sum()
-        return float(entropy.exp())
+        return usage_and_perplexity(self._total)[1]

@@ -23,6 +23,7 @@ from tokenflow.data.decode import DecodeError, decode_image, preprocess
 from tokenflow.data.corpus import iter_shard
 from tokenflow.data.manifest import ShardRecord
 from tokenflow.eval.image_metrics import mean_color_baseline, psnr
+from tokenflow.models.codebook_usage import usage_and_perplexity
 from tokenflow.models.discriminator import PatchDiscriminator
 from tokenflow.models.losses import TokenizerLoss
 from tokenflow.models.tokenizer import TokenFlowTokenizer
@@ -67,12 +68,7 @@ def _all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, flo
 def _global_usage(model: TokenFlowTokenizer) -> tuple[float, float]:
     counts = model.usage.counts.double()
     dist.all_reduce(counts)
-    total = counts.sum()
-    if total == 0:
-        return 0.0, 0.0
-    p = counts / total
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return float((counts > 0).double().mean()), float(entropy.exp())
+    return usage_and_perplexity(counts)
 
 
 class _Tracker:
