@@ -3,30 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from tokenflow import storage
 from tokenflow.config import CorpusConfig
 from tokenflow.data.corpus import CorpusError, list_shards
-from tokenflow.data.manifest import ShardRecord, corpus_manifest, index_shard
+from tokenflow.data.manifest import corpus_manifest, index_shard
 from tokenflow.data.shapes import write_shapes_corpus
 from tokenflow.data.token_shards import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
-
-Mapper = Callable[[Callable[[str], ShardRecord], list[str]], list[ShardRecord]]
-
-
-def _serial_map(fn: Callable[[str], ShardRecord], urls: Iterable[str]) -> list[ShardRecord]:
-    return [fn(u) for u in urls]
-
-
-def ray_map(fn: Callable[[str], ShardRecord], urls: list[str]) -> list[ShardRecord]:
-    """Index shards as parallel Ray tasks (order preserved)."""
-    import ray
-
-    task = ray.remote(num_cpus=1)(fn)
-    return ray.get([task.remote(u) for u in urls])
 
 
 def corpus_splits(cfg: CorpusConfig, out_url: str) -> dict[str, list[str]]:
@@ -44,10 +30,10 @@ def corpus_splits(cfg: CorpusConfig, out_url: str) -> dict[str, list[str]]:
     return {"train": train[:cut], "heldout": train[cut:]}
 
 
-def build_corpus(cfg: CorpusConfig, out_url: str, mapper: Mapper = _serial_map) -> dict[str, Any]:
+def build_corpus(cfg: CorpusConfig, out_url: str) -> dict[str, Any]:
     """Make or index the corpus, write ``<out_url>/_MANIFEST.json`` last, and return the manifest."""
     splits = corpus_splits(cfg, out_url)
-    records = {split: mapper(index_shard, urls) for split, urls in splits.items()}
+    records = {split: [index_shard(u) for u in urls] for split, urls in splits.items()}
     source = cfg.model_dump(mode="json")
     manifest = corpus_manifest(records, source)
     for split, block in manifest["splits"].items():
