@@ -6,29 +6,15 @@
 
 from __future__ import annotations
 
-import argparse
-import logging
-
-import ray
-
-from tokenflow import storage
-from tokenflow.config import load_config
-from tokenflow.data.token_shards import MANIFEST_NAME
+from tokenflow.stages.entry import prepare_stage, stage_parser
 from tokenflow.stages.pretokenize import run_pretokenize
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--corpus", required=True, help="corpus output URL (holds _MANIFEST.json)")
+    parser = stage_parser(__doc__)
     parser.add_argument("--tokenizer", required=True, help="tokenizer weights (.safetensors) URL")
-    parser.add_argument("--out", required=True, help="output URL for the token shards")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.overrides)
-    corpus = storage.read_json(storage.join(args.corpus, MANIFEST_NAME))
-    ray.init()
+    cfg, corpus = prepare_stage(args)
     manifest = run_pretokenize(corpus, args.tokenizer, args.out, cfg.pretokenize)
     for split, block in manifest["splits"].items():
         print(f"{split}: {block['rows']} tokenized, {block['quarantined']} quarantined")
