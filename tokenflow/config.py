@@ -291,14 +291,15 @@ class AugmentConfig(StrictModel):
     min_scale: float = Field(0.8, gt=0.0, le=1.0)
 
 
-class TrainTokenizerConfig(StrictModel):
-    """Tokenizer training on Ray Train workers, each running DeepSpeed engines."""
+class TrainingConfig(StrictModel):
+    """What every DeepSpeed-on-Ray-Train stage shares: schedule, optimizer, workers, checkpoints."""
 
     steps: int = Field(1000, gt=0)
-    micro_batch_size: int = Field(8, gt=0, description="Images per worker per micro-step.")
+    micro_batch_size: int = Field(8, gt=0, description="Samples per worker per micro-step.")
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(1e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
     num_workers: int = Field(1, gt=0)
@@ -307,18 +308,91 @@ class TrainTokenizerConfig(StrictModel):
     deepspeed: str = Field("zero2", description="Name under configs/deepspeed/ or a file path.")
     checkpoint_every: int = Field(200, gt=0)
     log_every: int = Field(10, gt=0)
-    image_every: int = Field(200, gt=0, description="Held-out reconstruction grid interval.")
-    heldout_images: int = Field(8, gt=0)
-    augment: AugmentConfig = AugmentConfig()
-    max_image_pixels: int = Field(64_000_000, gt=0)
 
     @model_validator(mode="after")
-    def _deepspeed_readable(self) -> "TrainTokenizerConfig":
+    def _deepspeed_readable(self) -> "TrainingConfig":
         try:
             load_deepspeed_config(self.deepspeed)
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         return self
+
+
+class TrainTokenizerConfig(TrainingConfig):
+    """Tokenizer training on Ray Train workers, each running DeepSpeed engines."""
+
+    image_every: int = Field(200, gt=0, description="Held-out reconstruction grid interval.")
+    heldout_images: int = Field(8, gt=0)
+    augment: AugmentConfig = AugmentConfig()
+    max_image_pixels: int = Field(64_000_000, gt=0)
+
+
+class LanguageModelConfig(StrictModel):
+    """A transformers causal LM: pretrained from a path/hub id, or built from ``architecture``."""
+
+    pretrained: str | None = Field(
+        default=None, description="Local path or hub id of an AutoModelForCausalLM checkpoint; "
+        "None builds ``architecture`` randomly initialised (tests, smoke).")
+    architecture: dict[str, Any] = Field(
+        default_factory=dict, description="transformers config fields incl. model_type (e.g. "
+        "llama, qwen3 — qwen3 has QK-norm); vocab_size comes from the text tokenizer.")
+    text_tokenizer: str | None = Field(
+        default=None, description="Path/hub id of the text tokenizer; None trains a byte-level "
+        "BPE on the training split's texts and saves it with the stage output.")
+    bpe_vocab_size: int = Field(1024, ge=300)
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = False
+    max_text_tokens: int = Field(64, gt=0, description="Longer texts are truncated (and counted).")
+
+    @model_validator(mode="after")
+    def _buildable(self) -> "LanguageModelConfig":
+        if self.pretrained is None and "model_type" not in self.architecture:
+            raise ValueError("set language_model.pretrained, or architecture.model_type to build one")
+        return self
+
+
+class SamplingConfig(StrictModel):
+    """Next-scale sampling: CFG ramped linearly over scales, multi-round top-k/top-p per scale."""
+
+    cfg_scale: float = Field(4.0, ge=0.0, description="Guidance at the last scale; scale i uses "
+                             "cfg_scale * i / (num_scales - 1).")
+    top_k: tuple[int, ...] = Field((1200, 100, 1), min_length=1, description="Per round; 0 = off.")
+    top_p: tuple[float, ...] = Field((0.8, 0.8, 0.0), min_length=1, description="Per round; 0 = off.")
+    temperature: float = Field(1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _rounds_agree(self) -> "SamplingConfig":
+        if len(self.top_k) != len(self.top_p):
+            raise ValueError(f"top_k has {len(self.top_k)} rounds but top_p {len(self.top_p)}")
+        if any(k < 0 for k in self.top_k) or any(not 0.0 <= p <= 1.0 for p in self.top_p):
+            raise ValueError("top_k must be >= 0 and top_p within [0, 1]")
+        return self
+
+
+class TrainGeneratorConfig(TrainingConfig):
+    """Text-to-image next-scale prediction in a causal LM, trained on token shards."""
+
+    language_model: LanguageModelConfig
+    cond_drop_prob: float = Field(0.1, ge=0.0, lt=1.0, description="Caption replaced by the "
+                                  "empty prompt (classifier-free guidance training).")
+    sampling: SamplingConfig = SamplingConfig()
+    eval_every: int = Field(200, gt=0, description="Held-out loss and sample grid interval.")
+    heldout_samples: int = Field(64, gt=0, description="Held-out images for the token loss.")
+    sample_prompts: int = Field(8, gt=0, description="Held-out captions sampled for the grid.")
+
+
+class TrainUnderstandingConfig(TrainingConfig):
+    """LLaVA-style understanding: stage 1 projector alignment, stage 2 full fine-tune."""
+
+    language_model: LanguageModelConfig
+    align_steps: int = Field(200, ge=0, description="Stage 1 (projector only, captions); "
+                             "``steps`` is stage 2 (everything, conversations).")
+    align_lr: float = Field(1e-3, gt=0)
+    split_turns: bool = Field(False, description="Each question/answer turn of a conversation "
+                              "becomes its own sample (independent yes/no pairs).")
+    eval_every: int = Field(200, gt=0)
+    heldout_questions: int = Field(200, gt=0)
+    max_new_tokens: int = Field(8, gt=0)
 
 
 class TrackingConfig(StrictModel):
@@ -340,6 +414,8 @@ class TokenFlowConfig(StrictModel):
     corpus: CorpusConfig = CorpusConfig()
     pretokenize: PretokenizeConfig = PretokenizeConfig()
     train_tokenizer: TrainTokenizerConfig = Field(default_factory=TrainTokenizerConfig)
+    train_generator: TrainGeneratorConfig | None = None
+    train_understanding: TrainUnderstandingConfig | None = None
     tracking: TrackingConfig = TrackingConfig()
 
 

@@ -125,19 +125,82 @@ class SharedMappingQuantizer(nn.Module):
             commit_loss=self.cfg.beta * torch.stack(commit_terms).mean(),
         )
 
-    def split_tokens(self, tokens: torch.Tensor) -> list[torch.Tensor]:
-        """Flat scale-major tokens [B, sum s^2] -> per-scale [B, s*s] views."""
-        expected = sum(s * s for s in self.scales)
-        if tokens.shape[-1] != expected:
-            raise ValueError(f"expected {expected} tokens per image, got {tokens.shape[-1]}")
-        return list(tokens.split([s * s for s in self.scales], dim=-1))
-
     def tokens_to_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Flat tokens [B, sum s^2] -> accumulated code features [B, Ds+Dp, grid, grid]."""
-        b = tokens.shape[0]
+        return CodebookFeatures.from_quantizer(self).tokens_to_features(tokens)
+
+
+def upsample_codes(codes: torch.Tensor, size: int, grid: int) -> torch.Tensor:
+    """One scale's code vectors [B, size*size, D] -> bicubically upsampled [B, D, grid, grid]."""
+    b = codes.shape[0]
+    return resize(codes.reshape(b, size, size, -1).permute(0, 3, 1, 2), grid, "bicubic")
+
+
+class CodebookFeatures(nn.Module):
+    """A trained quantizer's code vectors, frozen, for the models that read its tokens.
+
+    The codebooks are buffers (never trained, never partitioned by ZeRO-3). Besides the final
+    accumulated features (understanding input) this gives the next-scale teacher-forcing inputs
+    of generation: for scale j > 0, the features accumulated over scales < j, area-downsampled
+    to j's grid.
+    """
+
+    def __init__(self, scales: tuple[int, ...], semantic_codes: torch.Tensor, pixel_codes: torch.Tensor):
+        super().__init__()
+        self.scales = tuple(scales)
+        self.register_buffer("semantic", F.normalize(semantic_codes.detach().float(), dim=1).clone())
+        self.register_buffer("pixel", F.normalize(pixel_codes.detach().float(), dim=1).clone())
+
+    @classmethod
+    def from_quantizer(cls, quantizer: SharedMappingQuantizer) -> "CodebookFeatures":
+        return cls(quantizer.scales, quantizer.semantic_codebook, quantizer.pixel_codebook)
+
+    @property
+    def grid(self) -> int:
+        return self.scales[-1]
+
+    @property
+    def dim(self) -> int:
+        return self.semantic.shape[1] + self.pixel.shape[1]
+
+    @property
+    def codebook_size(self) -> int:
+        return self.semantic.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s * s for s in self.scales)
+
+    def split_tokens(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Flat scale-major tokens [B, sum s^2] -> per-scale [B, s*s] views."""
+        if tokens.shape[-1] != self.num_tokens:
+            raise ValueError(f"expected {self.num_tokens} tokens per image, got {tokens.shape[-1]}")
+        return list(tokens.split([s * s for s in self.scales], dim=-1))
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices [...] -> concatenated code vectors [..., Ds + Dp]."""
+        return torch.cat([self.semantic[indices], self.pixel[indices]], dim=-1)
+
+    def accumulate(self, scale_tokens: list[torch.Tensor]) -> torch.Tensor:
+        """Features [B, D, grid, grid] accumulated over the first ``len(scale_tokens)`` scales."""
         accumulated = None
-        for size, idx in zip(self.scales, self.split_tokens(tokens)):
-            codes = self.lookup(idx).view(b, size, size, -1).permute(0, 3, 1, 2)
-            up = resize(codes, self.grid, "bicubic")
+        for size, idx in zip(self.scales, scale_tokens):
+            up = upsample_codes(self.lookup(idx), size, self.grid)
             accumulated = up if accumulated is None else accumulated + up
-        return accumulated.contiguous()  # same memory layout as forward's, so decoding matches bitwise
+        return accumulated.contiguous()  # same memory layout as the quantizer's forward
+
+    def tokens_to_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Flat tokens [B, sum s^2] -> accumulated code features [B, D, grid, grid]."""
+        return self.accumulate(self.split_tokens(tokens))
+
+    def scale_input(self, scale_tokens: list[torch.Tensor], scale: int) -> torch.Tensor:
+        """Teacher-forcing input of scale index ``scale`` > 0: [B, s*s, D] from the features
+        accumulated over ``scale_tokens`` (the scales before it, or with a draft of it)."""
+        size = self.scales[scale]
+        down = resize(self.accumulate(scale_tokens), size, "area")
+        return down.flatten(2).transpose(1, 2)
+
+    def next_scale_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forcing inputs of every scale after the first: [B, sum_{j>0} s_j^2, D]."""
+        per_scale = self.split_tokens(tokens)
+        return torch.cat([self.scale_input(per_scale[:j], j) for j in range(1, len(self.scales))], dim=1)
