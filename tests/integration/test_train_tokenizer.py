@@ -73,7 +73,7 @@ def test_zero3_two_workers_train_and_log_everything_promised(ray_local, corpus, 
     client = mlflow.MlflowClient()
     run = client.get_run(manifest["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    for param in ("config_hash", "git_commit", "corpus_manifest_digest", "train_tokenizer.deepspeed",
+    for param in ("config_hash", "git_commit", "input.corpus_manifest", "train_tokenizer.deepspeed",
                   "tokenizer.quantizer.codebook_size"):
         assert param in run.data.params, param
     assert run.data.params["train_tokenizer.deepspeed"] == "zero3"
@@ -86,6 +86,7 @@ def test_zero3_two_workers_train_and_log_everything_promised(ray_local, corpus, 
     assert [a.path for a in client.list_artifacts(run.info.run_id, "reconstructions")] == [
         "reconstructions/heldout_step0000004.png"]
     assert run.data.tags["tokenflow.tokenizer_sha256"] == manifest["tokenizer"]["sha256"]
+    assert run.data.tags["tokenflow.input.corpus_manifest"] == run.data.params["input.corpus_manifest"]
 
 
 def test_zero2_killed_job_resumes_with_identical_losses(corpus, tmp_path):

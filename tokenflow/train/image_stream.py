@@ -1,18 +1,14 @@
 """A deterministic, resumable stream of augmented training images for one worker.
 
-Epoch ``e`` orders the corpus shards by a permutation drawn from ``(seed, e)``. With at least
-as many shards as workers, worker ``r`` reads shards ``r, r + W, ...`` of that order (no
-overlap); with fewer, every worker reads every shard and keeps samples ``r, r + W, ...``.
-Samples inside a shard are shuffled from ``(seed, e, shard)``; augmentation randomness comes from
-``(seed, e, r, position)``. The stream's state is ``(epoch, position)``: restoring it replays
-exactly the same batches, without decoding the skipped images.
+Shard order, rank sharding and resumption come from :class:`ShardedStream`; augmentation
+randomness comes from ``(seed, epoch, rank, position)``, so restoring the stream's state replays
+exactly the same batches without decoding the skipped images.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -20,6 +16,7 @@ import torch
 from tokenflow.data.corpus import RawSample, iter_shard
 from tokenflow.data.decode import DecodeError, decode_image, random_resized_crop
 from tokenflow.data.manifest import ShardRecord
+from tokenflow.train.sharded_stream import ShardedStream
 
 log = logging.getLogger(__name__)
 
@@ -36,55 +33,21 @@ class ImageStream:
 
     def __init__(self, shards: list[ShardRecord], rank: int, world_size: int, seed: int,
                  image_size: int, min_scale: float = 0.8, max_pixels: int = 64_000_000):
-        if not shards:
-            raise ValueError("the training split has no shards")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world of {world_size}")
-        self.shards, self.rank, self.world_size = shards, rank, world_size
+        self.shards, self.rank = shards, rank
         self.seed, self.image_size, self.min_scale, self.max_pixels = seed, image_size, min_scale, max_pixels
-        self.epoch, self.position = 0, 0
         self.quarantined: list[QuarantinedSample] = []
-        self._samples: Iterator[tuple[str, RawSample]] | None = None
+        self.stream: ShardedStream[RawSample] = ShardedStream(
+            len(shards), lambda i: list(iter_shard(shards[i].url)), rank, world_size, seed)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+        return self.stream.state_dict()
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._samples = None
+        self.stream.load_state_dict(state)
 
-    def _epoch_samples(self, epoch: int) -> Iterator[tuple[str, RawSample]]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-        by_shard = len(self.shards) >= self.world_size
-        mine = order[self.rank :: self.world_size] if by_shard else order
-        kept = 0
-        for shard_index in mine:
-            record = self.shards[int(shard_index)]
-            samples = list(iter_shard(record.url))
-            for i in np.random.default_rng([self.seed, epoch, int(shard_index)]).permutation(len(samples)):
-                if not by_shard and kept % self.world_size != self.rank:
-                    kept += 1
-                    continue
-                kept += 1
-                yield record.name, samples[int(i)]
-
-    def _positioned(self) -> Iterator[tuple[str, RawSample]]:
-        """Samples from the current (epoch, position) on, across epochs."""
-        while True:
-            skip = self.position
-            empty = True
-            for n, item in enumerate(self._epoch_samples(self.epoch)):
-                empty = False
-                if n < skip:
-                    continue
-                yield item
-            if empty:
-                raise ValueError(f"worker {self.rank} got no samples (fewer samples than workers?)")
-            self.epoch, self.position = self.epoch + 1, 0
-
-    def _augment(self, shard: str, sample: RawSample) -> torch.Tensor | None:
+    def _augment(self, shard: str, sample: RawSample, epoch: int, position: int) -> torch.Tensor | None:
         """Decode and augment one sample; None (and a quarantine record) when it is unusable."""
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, self.position])
+        rng = np.random.default_rng([self.seed, epoch, self.rank, position])
         try:
             if sample.problem is not None:
                 raise DecodeError(sample.problem, sample.problem)
@@ -97,13 +60,11 @@ class ImageStream:
 
     def next_batch(self, batch_size: int) -> torch.Tensor:
         """The next ``batch_size`` decodable images, [B, 3, S, S]."""
-        if self._samples is None:
-            self._samples = self._positioned()
         images = []
         while len(images) < batch_size:
-            shard, sample = next(self._samples)
-            image = self._augment(shard, sample)
-            self.position += 1
+            epoch, position = self.stream.epoch, self.stream.position
+            shard, sample = self.stream.next()
+            image = self._augment(self.shards[shard].name, sample, epoch, position)
             if image is not None:
                 images.append(image)
         return torch.stack(images)

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -27,8 +26,8 @@ from tokenflow.models.codebook_usage import usage_and_perplexity
 from tokenflow.models.discriminator import PatchDiscriminator
 from tokenflow.models.losses import TokenizerLoss
 from tokenflow.models.tokenizer import TokenFlowTokenizer
-from tokenflow.train.checkpoint import load_checkpoint, save_checkpoint
 from tokenflow.train.engines import deepspeed_config, init_distributed, make_engine, worker_device
+from tokenflow.train.harness import Tracker, all_reduce_mean, report_checkpoint, restore, seed_for
 from tokenflow.train.image_stream import ImageStream, QuarantinedSample
 
 log = logging.getLogger(__name__)
@@ -53,46 +52,10 @@ def heldout_images(records: list[ShardRecord], count: int, image_size: int) -> t
     return torch.stack(images)
 
 
-def _seed_for(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (stable across processes, unlike str hashes)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def _all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / world_size for k, v in zip(keys, t)}
-
-
 def _global_usage(model: TokenFlowTokenizer) -> tuple[float, float]:
     counts = model.usage.counts.double()
     dist.all_reduce(counts)
     return usage_and_perplexity(counts)
-
-
-class _Tracker:
-    """Rank 0's MLflow logging; a no-op on other ranks."""
-
-    def __init__(self, job: dict[str, Any], rank: int):
-        self.active = rank == 0 and job.get("mlflow_run_id") is not None
-        if self.active:
-            import mlflow
-
-            mlflow.set_tracking_uri(job["tracking_uri"])
-            self.client = mlflow.MlflowClient()
-            self.run_id = job["mlflow_run_id"]
-
-    def metrics(self, values: dict[str, float], step: int) -> None:
-        if self.active:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in sorted(values.items())])
-
-    def image(self, path: Path, artifact_dir: str) -> None:
-        if self.active:
-            self.client.log_artifact(self.run_id, str(path), artifact_dir)
 
 
 def train_tokenizer_worker(job: dict[str, Any]) -> None:
@@ -124,15 +87,12 @@ def train_tokenizer_worker(job: dict[str, Any]) -> None:
     baseline_psnr = float(psnr(mean_color_baseline(heldout), heldout).mean())
 
     step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = load_checkpoint(Path(directory), engines, rank, world)
+    state = restore(engines, rank, world)
+    if state is not None:
         step = state["step"]
         stream.load_state_dict(state["stream"])
         stream.quarantined = [QuarantinedSample(**q) for q in state["quarantined"]]
-        log.info("rank %d resumed at step %d", rank, step)
-    tracker = _Tracker(job, rank)
+    tracker = Tracker(job, rank)
 
     def evaluate() -> dict[str, float]:
         model.eval()
@@ -143,7 +103,7 @@ def train_tokenizer_worker(job: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 grid = save_image_grid(Path(tmp) / f"heldout_step{step:07d}.png", [heldout.cpu(), recon.cpu()],
                                        ["held-out", f"reconstruction, step {step}"], scale=2)
-                tracker.image(grid, "reconstructions")
+                tracker.artifact(grid, "reconstructions")
         return {"heldout_psnr": float(psnr(recon, heldout).mean()), "heldout_psnr_mean_color": baseline_psnr}
 
     per_step = t.micro_batch_size * t.grad_accum * world
@@ -153,7 +113,7 @@ def train_tokenizer_worker(job: dict[str, Any]) -> None:
         gan = loss_fn.gan_active(step)
         for micro in range(t.grad_accum):
             images = stream.next_batch(t.micro_batch_size).to(device)
-            generator = torch.Generator().manual_seed(_seed_for(t.seed, step, rank, micro))
+            generator = torch.Generator().manual_seed(seed_for(t.seed, step, rank, micro))
             out = gen(images, drop_scale=model.sample_drop_scale(generator))
             disc.requires_grad_(False)
             terms = loss_fn.generator_terms(images, out, step, dis.module if gan else None)
@@ -170,7 +130,7 @@ def train_tokenizer_worker(job: dict[str, Any]) -> None:
         step += 1
 
         if step % t.log_every == 0 or step == t.steps:
-            values = _all_reduce_mean({f"loss/{k}": terms_sum.get(k, 0.0) for k in LOSS_TERMS
+            values = all_reduce_mean({f"loss/{k}": terms_sum.get(k, 0.0) for k in LOSS_TERMS
                                        if k in terms_sum or k in ("gan", "disc")}, world)
             usage, perplexity = _global_usage(model)
             now = time.perf_counter()
@@ -184,12 +144,8 @@ def train_tokenizer_worker(job: dict[str, Any]) -> None:
             tracker.metrics(values, step)
 
         if step % t.checkpoint_every == 0 or step == t.steps:
-            with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(Path(tmp), engines, rank, world,
-                                {"step": step, "stream": stream.state_dict(),
-                                 "quarantined": [q.__dict__ for q in stream.quarantined]})
-                ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"checkpoint_{step:07d}")
+            report_checkpoint(engines, rank, world, {"step": step, "stream": stream.state_dict(),
+                                                     "quarantined": [q.__dict__ for q in stream.quarantined]})
 
     export_tokenizer(model, gen, job["export_url"], rank)
     quarantined = [None] * world

@@ -63,3 +63,48 @@ def flatten_params(value: Any, prefix: str = "") -> dict[str, str]:
         return out
     text = str(value)
     return {prefix: text if len(text) <= _MAX_PARAM_VALUE else text[: _MAX_PARAM_VALUE - 3] + "..."}
+
+
+def find_or_create_run(experiment_id: str, stage: str, out_url: str, params: dict[str, str],
+                       tags: dict[str, str], parent_run_id: str | None) -> str:
+    """The unfinished MLflow run for this stage output (a resumed job), or a new one."""
+    import mlflow
+    from mlflow.entities import Param
+
+    client = mlflow.MlflowClient()
+    found = client.search_runs([experiment_id],
+                               filter_string=f"tags.`tokenflow.stage` = '{stage}' and "
+                                             f"tags.`tokenflow.output` = '{out_url}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    if found and found[0].info.status != "FINISHED":
+        return found[0].info.run_id
+    all_tags = {"tokenflow.stage": stage, "tokenflow.output": out_url, **tags}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=stage, tags=all_tags)
+    items = sorted(params.items())
+    for start in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[start : start + 100]])
+    return run.info.run_id
+
+
+def start_stage_run(cfg: Any, stage: str, sections: set[str], out_url: str, inputs: dict[str, str],
+                    parent_run_id: str | None = None) -> tuple[str, str, dict[str, str]]:
+    """Open (or reopen, on resume) the stage's MLflow run with its config sections, their hash,
+    the git commit and its inputs' digests as params and tags.
+
+    Returns ``(tracking_uri, run_id, params)``.
+    """
+    import mlflow
+
+    from tokenflow.config import config_hash
+
+    tracking_uri = resolve_tracking_uri(cfg.tracking, out_url)
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment_id = ensure_experiment(cfg.tracking.experiment, out_url)
+    subset = cfg.model_dump(mode="json", include=sections)
+    params = {**flatten_params(subset), "config_hash": config_hash(subset), "git_commit": git_commit(),
+              **{f"input.{name}": digest for name, digest in inputs.items()}}
+    tags = {"tokenflow.git_commit": params["git_commit"],
+            **{f"tokenflow.input.{name}": digest for name, digest in inputs.items()}}
+    return tracking_uri, find_or_create_run(experiment_id, stage, out_url, params, tags, parent_run_id), params

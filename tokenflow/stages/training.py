@@ -1,0 +1,41 @@
+"""Launching a DeepSpeed-in-Ray-Train stage: resources, backend, run directory, resume."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from tokenflow.config import TrainingConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_use_gpu(setting: bool | str) -> bool:
+    """``auto``: GPUs when the connected Ray cluster has any."""
+    import ray
+
+    if setting == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(setting)
+
+
+def fit(worker: Callable[[dict[str, Any]], None], job: dict[str, Any], t: TrainingConfig,
+        out_url: str, run_name: str) -> None:
+    """Run ``worker`` on ``t.num_workers`` Ray Train workers. Checkpoints live under
+    ``<out_url>/<run_name>``; calling this again with the same arguments resumes from the latest."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = job["use_gpu"]
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config=job,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=run_name, storage_path=out_url,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    log.info("%s: %d %s workers, %d steps (ZeRO config %s)", run_name, t.num_workers,
+             "GPU" if use_gpu else "CPU", t.steps, t.deepspeed)
+    trainer.fit()

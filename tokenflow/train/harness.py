@@ -1,0 +1,100 @@
+"""What every Ray Train worker loop shares: seeds, metric reduction, MLflow logging from rank
+0, checkpoint report/restore through Ray Train, and ZeRO-3-safe weight gathering."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tokenflow.train.checkpoint import load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def seed_for(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (stable across processes, unlike str hashes)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
+    """The mean of each value over all ranks (collective)."""
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / world_size for k, v in zip(keys, t)}
+
+
+class Tracker:
+    """Rank 0's MLflow logging into the stage's run; a no-op on other ranks."""
+
+    def __init__(self, job: dict[str, Any], rank: int):
+        self.active = rank == 0 and job.get("mlflow_run_id") is not None
+        if self.active:
+            import mlflow
+
+            mlflow.set_tracking_uri(job["tracking_uri"])
+            self.client = mlflow.MlflowClient()
+            self.run_id = job["mlflow_run_id"]
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        if self.active:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in sorted(values.items())])
+
+    def artifact(self, path: Path, artifact_dir: str) -> None:
+        if self.active:
+            self.client.log_artifact(self.run_id, str(path), artifact_dir)
+
+
+def restore(engines: dict[str, Any], rank: int, world_size: int) -> dict[str, Any] | None:
+    """The client state of Ray Train's latest checkpoint (engines and RNG restored), or None."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        state = load_checkpoint(Path(directory), engines, rank, world_size)
+    log.info("rank %d resumed at step %d", rank, state["step"])
+    return state
+
+
+def report_checkpoint(engines: dict[str, Any], rank: int, world_size: int, state: dict[str, Any],
+                      metrics: dict[str, float] | None = None) -> None:
+    """Save every engine and this rank's ``state`` (with ``step``) and report it (collective)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(Path(tmp), engines, rank, world_size, state)
+        ray.train.report({"step": state["step"], **(metrics or {})},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_{state['step']:07d}")
+
+
+def gathered_state_dict(module: nn.Module, engine: Any, rank: int, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Full CPU copies of ``module``'s parameters and buffers on rank 0 (empty elsewhere),
+    gathering ZeRO-3 partitions one submodule at a time so peak memory stays one layer."""
+    import deepspeed
+
+    zero3 = engine.zero_optimization_stage() == 3
+    out: dict[str, torch.Tensor] = {}
+    for prefix, sub in module.named_modules():
+        params = [p for p in sub.parameters(recurse=False)]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3 and bool(params)):
+            if rank == 0:
+                tensors = [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]
+                for name, tensor in tensors:
+                    full = f"{prefix}.{name}" if prefix else name
+                    if not full.startswith(skip):
+                        out[full] = tensor.detach().to("cpu", copy=True).contiguous()
+    return out
