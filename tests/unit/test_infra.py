@@ -14,8 +14,9 @@ import json
 import re
 import shlex
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -91,7 +92,7 @@ def _pins() -> dict[str, str]:
 
 
 def _dockerfile_args(path: Path) -> dict[str, str]:
-    return dict(re.findall(r"^ARG\s+(\w+)=(\S+)\s*$", path.read_text(), flags=re.M))
+    return dict(re.findall(r"^ARG\s+(\w+)=(\S+)\s*$", path.read_text(), flags=re.MULTILINE))
 
 
 def _ray_cluster_specs() -> Iterator[tuple[str, dict]]:
@@ -182,7 +183,7 @@ def test_secret_references_have_templates_with_placeholder_values():
     for name, secret in secrets.items():
         assert "data" not in secret, f"Secret {name}: templates use readable stringData only"
         for key, value in secret["stringData"].items():
-            if re.search(r"password|secret|token|access_key", key, re.I):
+            if re.search(r"password|secret|token|access_key", key, re.IGNORECASE):
                 assert PLACEHOLDER in str(value), f"Secret {name}.{key} is not a placeholder"
 
 
@@ -246,7 +247,7 @@ def test_ray_cluster_spec(where, spec):
 
 def test_rayjob_runs_the_pipeline_dag_on_an_existing_config():
     dockerfile_workdir = re.search(r"^WORKDIR\s+(\S+)", (INFRA / "docker" / "Dockerfile").read_text(),
-                                   flags=re.M).group(1)
+                                   flags=re.MULTILINE).group(1)
     jobs = _of_kind("RayJob")
     assert jobs
     for path, job in jobs:
@@ -342,11 +343,11 @@ def test_ray_image_pins_match_pyproject():
     assert f"{base.group(2)}.{base.group(3)}" in SpecifierSet(_pyproject()["project"]["requires-python"])
     assert base.group(4) == args["TORCH_CUDA"], "torch's CUDA build matches the base image's CUDA"
     assert f"ray.__version__ == '{pins['ray']}'" in text
-    assert re.search(r"^ENV DS_BUILD_OPS=0", text, flags=re.M)
-    users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
+    assert re.search(r"^ENV DS_BUILD_OPS=0", text, flags=re.MULTILINE)
+    users = re.findall(r"^USER\s+(\S+)", text, flags=re.MULTILINE)
     assert users and users[-1] not in {"root", "0"}, "the image runs as a non-root user"
-    assert re.search(r"^WORKDIR\s+/home/ray/", text, flags=re.M)
-    for line in re.findall(r"^(?:ENV|ARG)\s+(.*)$", text, flags=re.M):
+    assert re.search(r"^WORKDIR\s+/home/ray/", text, flags=re.MULTILINE)
+    for line in re.findall(r"^(?:ENV|ARG)\s+(.*)$", text, flags=re.MULTILINE):
         assert not re.search(r"AWS_SECRET|AWS_ACCESS|PASSWORD|AUTH_TOKEN|MLFLOW_TRACKING_URI", line), line
 
 
@@ -356,7 +357,7 @@ def test_mlflow_image_pins_match_pyproject():
     assert args["MLFLOW_VERSION"] == _pins()["mlflow"]
     text = dockerfile.read_text()
     assert "psycopg2" in text and "boto3" in text
-    users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
+    users = re.findall(r"^USER\s+(\S+)", text, flags=re.MULTILINE)
     assert users and users[-1] not in {"root", "0"}
 
 
@@ -387,7 +388,7 @@ def test_cluster_launcher_config_is_valid_for_ray_up():
     (remote, _local), = config["file_mounts"].items()
     assert any(remote.removeprefix("~/") in cmd for cmd in config["setup_commands"])
     env_example = (INFRA / "cluster-launcher" / "cluster.env.example").read_text()
-    keys = dict(re.findall(r"^([A-Z_]+)=(.*)$", env_example, flags=re.M))
+    keys = dict(re.findall(r"^([A-Z_]+)=(.*)$", env_example, flags=re.MULTILINE))
     assert {"TOKENFLOW_STORAGE", "MLFLOW_TRACKING_URI", "RAY_AUTH_TOKEN"} <= set(keys)
     assert urlsplit(keys["TOKENFLOW_STORAGE"]).scheme in OBJECT_STORE_SCHEMES
     assert keys["RAY_AUTH_TOKEN"] == PLACEHOLDER
