@@ -245,19 +245,29 @@ def test_ray_cluster_spec(where, spec):
     assert not images.pop().endswith(":latest")
 
 
-def test_rayjob_runs_the_pipeline_dag_on_an_existing_config():
+RAYJOBS = _of_kind("RayJob")
+
+
+@pytest.mark.parametrize("path,job", RAYJOBS, ids=[j["metadata"]["name"] for _, j in RAYJOBS])
+def test_rayjob_entrypoint_runs_the_pipeline_dag(path, job):
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[0] in {"python", "python3"} and argv[1] == "pipelines/full.py", argv
+    assert (REPO / argv[1]).is_file(), f"{path}: {argv[1]} does not exist"
+
+
+@pytest.mark.parametrize("path,job", RAYJOBS, ids=[j["metadata"]["name"] for _, j in RAYJOBS])
+def test_rayjob_entrypoint_config_exists(path, job):
+    config = _option(shlex.split(job["spec"]["entrypoint"]), "--config")
+    assert config.startswith("configs/pipelines/"), config
+    assert (REPO / config).is_file(), f"{path}: entrypoint config {config} does not exist"
+
+
+def test_rayjob_runtime_env_and_cleanup():
     dockerfile_workdir = re.search(r"^WORKDIR\s+(\S+)", (INFRA / "docker" / "Dockerfile").read_text(),
                                    flags=re.MULTILINE).group(1)
-    jobs = _of_kind("RayJob")
-    assert jobs
-    for path, job in jobs:
+    assert RAYJOBS
+    for _, job in RAYJOBS:
         spec = job["spec"]
-        argv = shlex.split(spec["entrypoint"])
-        assert argv[0] in {"python", "python3"} and argv[1] == "pipelines/full.py", argv
-        assert (REPO / argv[1]).is_file(), f"{path}: {argv[1]} does not exist (yet)"
-        config = _option(argv, "--config")
-        assert config.startswith("configs/pipelines/"), config
-        assert (REPO / config).is_file(), f"{path}: entrypoint config {config} does not exist"
         runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
         assert runtime_env["working_dir"] == dockerfile_workdir, "working_dir is the image's code"
         assert spec["shutdownAfterJobFinishes"] is True
@@ -392,6 +402,19 @@ def test_cluster_launcher_config_is_valid_for_ray_up():
     assert {"TOKENFLOW_STORAGE", "MLFLOW_TRACKING_URI", "RAY_AUTH_TOKEN"} <= set(keys)
     assert urlsplit(keys["TOKENFLOW_STORAGE"]).scheme in OBJECT_STORE_SCHEMES
     assert keys["RAY_AUTH_TOKEN"] == PLACEHOLDER
+
+
+def test_deploy_guide_names_the_objects_the_manifests_create():
+    guide = (REPO / "docs" / "deploy.md").read_text()
+    for _, cluster in _of_kind("RayCluster"):
+        assert f"svc/{cluster['metadata']['name']}-head-svc" in guide  # KubeRay's head Service name
+    for _, job in RAYJOBS:
+        assert f"rayjob {job['metadata']['name']}" in guide
+        assert " ".join(shlex.split(job["spec"]["entrypoint"])) in guide
+    for name in _secret_templates():
+        assert f"create secret generic {name}" in guide, name
+    for path in _yaml_files():
+        assert path.relative_to(REPO).as_posix().rsplit("/", 1)[0] in guide, path
 
 
 # --------------------------------------------------------------------------- working_dir upload
