@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from tokenflow.data.corpus import RawSample
-from tokenflow.data.shapes import PALETTE, Scene, annotate, generate_scene, render_scene
-from tokenflow.eval.geneval import (TAGS, Detection, Exclude, GenEvalPrompt, GenEvalRules, ImageResult,
+from tokenflow.data.shapes import PALETTE, Scene, SceneObject, annotate, generate_scene, render_scene
+from tokenflow.eval.geneval import (TAGS, Detection, as_bbox, Exclude, GenEvalPrompt, GenEvalRules, ImageResult,
                                     Include, box_iou, evaluate_detections, keep_detections, load_metadata,
                                     relative_position, score_image, summarize, write_metadata)
 from tokenflow.eval.geneval_backends import ShapesColorClassifier, ShapesObjectDetector
@@ -42,7 +42,7 @@ class FieldColor:
 
 
 def _det(label: str, score: float, bbox=(0, 0, 10, 10), color: str | None = None) -> Detection:
-    return Detection(label, score, tuple(float(v) for v in bbox), color)
+    return Detection(label, score, as_bbox(bbox), color)
 
 
 def _judge(prompt: GenEvalPrompt, detections: list[Detection], rules: GenEvalRules = GenEvalRules()):
@@ -197,9 +197,10 @@ def test_shapes_backend_rejects_wrong_images():
     first_only = render_scene(Scene(scene.objects[:1]), 64)
     assert not score_image(first_only, prompts["two_object"], detector, colors).correct
     a, b = scene.objects
-    recoloured = [type(o)(o.shape, next(c for c in PALETTE if c != o.color), o.bbox, o.center) for o in (a, b)]
-    assert not score_image(render_scene(Scene(tuple(recoloured)), 64), prompts["color_attr"], detector, colors).correct
-    swapped = Scene((type(a)(a.shape, a.color, b.bbox, b.center), type(b)(b.shape, b.color, a.bbox, a.center)))
+    recoloured = Scene(tuple(SceneObject(o.shape, next(c for c in PALETTE if c != o.color), o.bbox, o.center)
+                             for o in (a, b)))
+    assert not score_image(render_scene(recoloured, 64), prompts["color_attr"], detector, colors).correct
+    swapped = Scene((SceneObject(a.shape, a.color, b.bbox, b.center), SceneObject(b.shape, b.color, a.bbox, a.center)))
     assert not score_image(render_scene(swapped, 64), prompts["position"], detector, colors).correct
 
 

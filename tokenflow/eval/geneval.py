@@ -130,6 +130,12 @@ def write_metadata(url: str, prompts: Iterable[GenEvalPrompt]) -> None:
     storage.write_bytes_atomic(url, text.encode("utf-8"))
 
 
+def as_bbox(values: Iterable[float]) -> BBox:
+    """Four numbers (a sequence or a tensor row) as a float ``(x0, y0, x1, y1)`` box."""
+    x0, y0, x1, y1 = (float(v) for v in values)
+    return x0, y0, x1, y1
+
+
 @dataclass(frozen=True)
 class Detection:
     """One detected object: class name, confidence, pixel box ``(x0, y0, x1, y1)``.

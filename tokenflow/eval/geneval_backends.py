@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from PIL import Image
 
-from tokenflow.eval.geneval import Detection
+from tokenflow.eval.geneval import Detection, as_bbox
 from tokenflow.eval.shapes_detector import detect_shapes
 
 # transformers' COCO id2label names -> GenEval's object names (the rest are spelled the same).
@@ -54,8 +54,7 @@ class ShapesObjectDetector:
     """The exact shapes detector: every palette-coloured component is one detection."""
 
     def detect(self, image: Image.Image) -> list[Detection]:
-        return [Detection(d.shape, d.score, tuple(float(v) for v in d.bbox), d.color)  # type: ignore[arg-type]
-                for d in detect_shapes(image)]
+        return [Detection(d.shape, d.score, as_bbox(d.bbox), d.color) for d in detect_shapes(image)]
 
 
 class ShapesColorClassifier:
@@ -92,7 +91,7 @@ class TransformersObjectDetector:
         outputs = self.model(**inputs)
         result = self.processor.post_process_object_detection(
             outputs, threshold=self.min_score, target_sizes=[(image.height, image.width)])[0]
-        return [Detection(self.labels[int(label)], float(score), tuple(float(v) for v in box))  # type: ignore[arg-type]
+        return [Detection(self.labels[int(label)], float(score), as_bbox(box))
                 for score, label, box in zip(result["scores"], result["labels"], result["boxes"])]
 
 

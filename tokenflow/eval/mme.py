@@ -81,7 +81,8 @@ def _load_subtask(root_url: str, subtask: str) -> list[MMEQuestion]:
         if stem not in images:
             raise ValueError(f"{storage.join(text_dir, name)}: no image named {stem}.* in {image_dir}")
         image = storage.join(image_dir, images[stem])
-        questions.extend(MMEQuestion(subtask, image, q, a) for q, a in _parse_questions(storage.join(text_dir, name)))
+        pairs = _parse_questions(storage.join(text_dir, name))
+        questions.extend(MMEQuestion(subtask, image, q, a) for q, a in pairs)
     return questions
 
 
