@@ -98,9 +98,10 @@ class TransformersObjectDetector:
 class OpenClipColorClassifier:
     """Zero-shot colour of a detected object's crop with an open_clip model.
 
-    ``model_name`` is an open_clip architecture (ViT-L-14 for the official setting),
-    ``weights_path`` a local checkpoint file; ``overrides`` replace architecture fields of the
-    named config (``embed_dim``, ``vision_cfg``, ``text_cfg``: small models built from config).
+    ``model_name`` is an open_clip architecture (``ViT-L-14-quickgelu`` for the official OpenAI
+    ViT-L/14 weights: a file does not switch QuickGELU on by itself), ``weights_path`` a local
+    state-dict file; ``overrides`` replace architecture fields of the named config
+    (``embed_dim``, ``vision_cfg``, ``text_cfg``: small models built from config).
     """
 
     def __init__(self, model_name: str, weights_path: str | Path, device: str | torch.device = "cpu",
