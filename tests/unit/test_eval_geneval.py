@@ -170,6 +170,8 @@ def test_summary_is_the_mean_of_per_tag_accuracies():
     summary = summarize(results)
     assert summary.per_tag == {"counting": 0.25, "colors": 1.0}
     assert summary.overall == pytest.approx(0.625) and summary.num_images == 6
+    assert summary.metrics() == {"overall": 0.625, "num_images": 6.0, "counting/accuracy": 0.25,
+                                 "colors/accuracy": 1.0}
 
 
 def _scenes(n: int, seed: int = 0) -> list[Scene]:

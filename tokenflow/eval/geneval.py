@@ -297,6 +297,11 @@ class GenEvalSummary:
     overall: float
     num_images: int
 
+    def metrics(self) -> dict[str, float]:
+        """Flat name -> value mapping for tracking."""
+        return {"overall": self.overall, "num_images": float(self.num_images),
+                **{f"{tag}/accuracy": score for tag, score in self.per_tag.items()}}
+
 
 def summarize(results: Iterable[ImageResult]) -> GenEvalSummary:
     """Mean correctness per tag; overall = unweighted mean over the tags present."""
