@@ -31,3 +31,22 @@ def tiny_tokenizer_path(tmp_path_factory, tiny_config):
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.safetensors"
     save_tokenizer(TokenFlowTokenizer(tiny_config, with_teacher=False), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def token_shards(ray_local, tmp_path_factory, tiny_tokenizer_path):
+    """A small shapes corpus pre-tokenized by the tiny tokenizer: (manifest, shards URL)."""
+    from tokenflow.config import PretokenizeConfig
+    from tokenflow.data.manifest import corpus_manifest, index_shard
+    from tokenflow.data.shapes import write_shapes_corpus
+    from tokenflow.stages.pretokenize import run_pretokenize
+
+    root = tmp_path_factory.mktemp("llm-data")
+    splits = write_shapes_corpus(str(root / "corpus"), num_samples=120, shard_size=30, seed=0,
+                                 heldout_fraction=0.2)
+    manifest = corpus_manifest({name: [index_shard(u) for u in urls] for name, urls in splits.items()},
+                               {"kind": "shapes"})
+    out = str(root / "tokens")
+    tokens = run_pretokenize(manifest, str(tiny_tokenizer_path), out,
+                             PretokenizeConfig(batch_size=32, micro_batch=16, num_actors=1))
+    return tokens, out

@@ -85,8 +85,11 @@ class UnderstandingModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, tokens: torch.Tensor, questions: list[str], tok: PreTrainedTokenizerBase,
-                 max_new_tokens: int = 8, max_tokens: int = 64) -> list[str]:
-        """Greedy answers to one question per image (prompts left-padded for batched decoding)."""
+                 max_new_tokens: int = 8, max_tokens: int = 64, synced_ranks: bool = False) -> list[str]:
+        """Greedy answers to one question per image (prompts left-padded for batched decoding).
+
+        ``synced_ranks``: every rank keeps stepping until ``max_new_tokens`` (ZeRO-3 gathers
+        parameters collectively, so ranks must run the same number of forwards)."""
         prompts = [encode_text(tok, chat_prompt(q), max_tokens)[0] for q in questions]
         width = max(len(p) for p in prompts)
         embed = self.lm.get_input_embeddings()
@@ -100,5 +103,6 @@ class UnderstandingModel(nn.Module):
             masks.append(torch.tensor([0] * pad + [1] * (prefix.shape[1] + len(p)), device=tokens.device))
         inputs, mask = torch.stack(rows), torch.stack(masks)
         out = self.lm.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max_new_tokens,
-                               do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                               do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                               synced_gpus=synced_ranks)
         return [tok.decode(row, skip_special_tokens=True).strip() for row in out]

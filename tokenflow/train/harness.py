@@ -92,7 +92,9 @@ def gathered_state_dict(module: nn.Module, engine: Any, rank: int, skip: tuple[s
         params = [p for p in sub.parameters(recurse=False)]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3 and bool(params)):
             if rank == 0:
-                tensors = [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]
+                buffers = [(n, b) for n, b in sub.named_buffers(recurse=False)
+                           if n not in sub._non_persistent_buffers_set]  # as state_dict() does
+                tensors = [*sub.named_parameters(recurse=False), *buffers]
                 for name, tensor in tensors:
                     full = f"{prefix}.{name}" if prefix else name
                     if not full.startswith(skip):

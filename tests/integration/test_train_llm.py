@@ -1,0 +1,109 @@
+"""The generation and understanding stages on a real local Ray, DeepSpeed and MLflow."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import torch
+
+from tokenflow.config import load_config
+from tokenflow.data.token_shards import TokenShardError
+from tokenflow.models.llm_weights import load_generator, load_understanding
+from tokenflow.models.generator import left_pad
+from tokenflow.models.sampling import sample_tokens
+from tokenflow.models.weights import load_tokenizer
+from tokenflow.stages.train_generator import run_train_generator
+from tokenflow.stages.train_understanding import run_train_understanding
+
+from tests.conftest import MODEL_CONFIGS
+
+TINY_LM = ("{model_type: qwen3, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
+           "num_key_value_heads: 1, head_dim: 16, intermediate_size: 64, max_position_embeddings: 256, "
+           "tie_word_embeddings: true}")
+COMMON = ["micro_batch_size=4", "num_workers=2", "cpus_per_worker=1", "log_every=1", "lr=0.001",
+          f"language_model.architecture={TINY_LM}", "language_model.bpe_vocab_size=400"]
+
+
+def _config(stage: str, out, *extra: str):
+    """The tiny config with ``stage``'s overrides, tracking into ``out``'s own MLflow store (this
+    process's MLFLOW_TRACKING_URI, set by earlier tests, would otherwise take precedence)."""
+    overrides = [f"{stage}.{o}" for o in COMMON + list(extra)]
+    overrides.append(f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}")
+    return load_config(MODEL_CONFIGS / "tokenflow-tiny.yaml", overrides)
+
+
+def _client(out):
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def test_generator_zero3_two_workers_exports_a_sampler_and_logs(ray_local, token_shards, tiny_tokenizer_path, tmp_path):
+    manifest, url = token_shards
+    out = tmp_path / "gen"
+    cfg = _config("train_generator", out, "steps=3", "checkpoint_every=3", "eval_every=3", "deepspeed=zero3",
+                  "heldout_samples=8", "sample_prompts=3", "sampling.top_k=[20, 1]", "sampling.top_p=[0.8, 0.0]")
+    result = run_train_generator(cfg, manifest, url, str(tiny_tokenizer_path), str(out))
+    model, tok = load_generator(str(out / "model"))  # ZeRO-3 partitions were gathered
+    text = left_pad([[tok.bos_token_id] + tok("one red circle")["input_ids"]], tok.pad_token_id)
+    tokens = sample_tokens(model, text, left_pad([[tok.bos_token_id]], tok.pad_token_id), cfg.train_generator.sampling)
+    assert load_tokenizer(tiny_tokenizer_path).decode_indices(tokens).shape == (1, 3, 64, 64)
+
+    client = _client(out)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train_generator.deepspeed"] == "zero3"
+    assert run.data.tags["tokenflow.input.tokenizer"] == manifest["inputs"]["tokenizer"]
+    for metric in ("loss/image_tokens", "samples_per_s", "image_tokens_per_s", "lr", "heldout/loss",
+                   "heldout/unigram_entropy", "unconditional_examples"):
+        assert len(client.get_metric_history(run.info.run_id, metric)) >= 1, metric
+    assert len(client.get_metric_history(run.info.run_id, "loss/image_tokens")) == 3
+    names = sorted(a.path for a in client.list_artifacts(run.info.run_id, "samples"))
+    assert names == ["samples/samples_step0000003.png", "samples/samples_step0000003.txt"]
+
+
+def test_generator_resume_is_exact(ray_local, token_shards, tiny_tokenizer_path, tmp_path):
+    """3 steps, then the same output resumed to 6 == 6 uninterrupted steps, bit for bit."""
+    manifest, url = token_shards
+    args = ("checkpoint_every=3", "eval_every=100", "deepspeed=zero2", "cond_drop_prob=0.5")
+    for name, steps in (("straight", 6), ("resumed", 3), ("resumed", 6)):
+        out = tmp_path / name
+        run_train_generator(_config("train_generator", out, f"steps={steps}", *args), manifest, url,
+                            str(tiny_tokenizer_path), str(out))
+    straight = (tmp_path / "straight" / "model" / "model.safetensors").read_bytes()
+    assert (tmp_path / "resumed" / "model" / "model.safetensors").read_bytes() == straight
+
+
+def test_generator_refuses_shards_of_another_tokenizer(token_shards, tmp_path, tiny_config):
+    from tokenflow.models.tokenizer import TokenFlowTokenizer
+    from tokenflow.models.weights import save_tokenizer
+
+    torch.manual_seed(1)
+    other = tmp_path / "other.safetensors"
+    save_tokenizer(TokenFlowTokenizer(tiny_config, with_teacher=False), other)
+    manifest, url = token_shards
+    with pytest.raises(TokenShardError, match="did not make these token shards"):
+        run_train_generator(_config("train_generator", tmp_path, "steps=1"), manifest, url, str(other),
+                            str(tmp_path / "g"))
+
+
+def test_understanding_zero3_align_then_finetune_answers_questions(ray_local, token_shards, tiny_tokenizer_path,
+                                                                   tmp_path):
+    manifest, url = token_shards
+    out = tmp_path / "und"
+    cfg = _config("train_understanding", out, "align_steps=2", "steps=3", "checkpoint_every=3", "eval_every=3",
+                  "deepspeed=zero3", "split_turns=true", "heldout_questions=6", "max_new_tokens=3")
+    result = run_train_understanding(cfg, manifest, url, str(tiny_tokenizer_path), str(out))
+    assert (out / "align" / "projector.safetensors").is_file()
+    model, tok = load_understanding(str(out / "model"))
+    answers = model.generate(torch.zeros(2, 130, dtype=torch.long), ["Is there a red circle?", "Is it blue?"], tok,
+                             max_new_tokens=3)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+    client = _client(out)
+    run_id = result["mlflow_run_id"]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert len(client.get_metric_history(run_id, "align/loss/answer")) == 2
+    assert len(client.get_metric_history(run_id, "loss/answer")) == 3
+    for metric in ("heldout/yes_no_accuracy", "heldout/majority_rate", "heldout/unparsed_rate"):
+        history = client.get_metric_history(run_id, metric)
+        assert len(history) == 1 and 0.0 <= history[0].value <= 1.0, metric

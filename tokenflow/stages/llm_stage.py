@@ -1,0 +1,76 @@
+"""Driver-side parts both LLM stages share: token shard URLs, the tokenizer check, the text
+tokenizer, the unigram baseline and the stage manifest."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from tokenflow import storage
+from tokenflow.config import LanguageModelConfig
+from tokenflow.data.examples import training_texts
+from tokenflow.data.manifest import file_digest
+from tokenflow.data.token_shards import MANIFEST_NAME, TokenShardError, iter_token_samples
+from tokenflow.models.llm_weights import TEXT_TOKENIZER_DIR, WEIGHTS_NAME, save_text_tokenizer
+from tokenflow.models.text import load_text_tokenizer, train_bpe
+from tokenflow.models.weights import file_sha256
+from tokenflow.train.llm_common import cached_file
+
+log = logging.getLogger(__name__)
+
+
+def token_shard_urls(token_manifest: dict[str, Any], token_url: str, split: str) -> list[str]:
+    """The URLs of one split's token shards, in manifest order."""
+    if split not in token_manifest.get("splits", {}):
+        raise TokenShardError(f"{token_url}: the token shards have no {split!r} split")
+    return [storage.join(token_url, e["path"]) for e in token_manifest["splits"][split]["shards"]]
+
+
+def check_tokenizer(token_manifest: dict[str, Any], tokenizer_url: str) -> str:
+    """The tokenizer export's sha256, after checking it made these token shards."""
+    digest = file_sha256(cached_file(tokenizer_url))
+    if token_manifest["inputs"]["tokenizer"] != digest:
+        raise TokenShardError(f"{tokenizer_url} (sha256 {digest[:12]}) did not make these token shards "
+                              f"(made by {token_manifest['inputs']['tokenizer'][:12]})")
+    return digest
+
+
+def prepare_text_tokenizer(cfg: LanguageModelConfig, train_urls: list[str], url: str) -> PreTrainedTokenizerBase:
+    """Load the configured text tokenizer or train the smoke BPE; save it to ``url`` either way."""
+    if cfg.text_tokenizer is not None:
+        tok = load_text_tokenizer(cfg.text_tokenizer)
+    else:
+        tok = train_bpe(training_texts(train_urls), cfg.bpe_vocab_size)
+        log.info("trained a %d-token byte-level BPE on the training split's texts", len(tok))
+    save_text_tokenizer(tok, url)
+    return tok
+
+
+def unigram_entropy(urls: list[str], codebook_size: int) -> float:
+    """Entropy (nats) of the token unigram distribution over the given shards: the loss of a
+    model that ignores every input."""
+    counts = np.zeros(codebook_size, dtype=np.int64)
+    for sample in iter_token_samples(urls):
+        counts += np.bincount(sample.tokens, minlength=codebook_size)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum()) if p.size else math.nan
+
+
+def finish_llm_stage(run_id: str, out_url: str, export_dir: str, steps: int, config_hash: str,
+                     inputs: dict[str, str], kind: str) -> dict[str, Any]:
+    """Tag the export's digest on the run, write the stage manifest last, close the run."""
+    import mlflow
+
+    size, sha = file_digest(storage.join(out_url, export_dir, WEIGHTS_NAME))
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "tokenflow.model_sha256", sha)
+    manifest = {"kind": kind, "model": {"path": f"{export_dir}/{WEIGHTS_NAME}", "bytes": size, "sha256": sha},
+                "text_tokenizer": f"{export_dir}/{TEXT_TOKENIZER_DIR}", "steps": steps,
+                "config_hash": config_hash, "inputs": inputs, "mlflow_run_id": run_id}
+    storage.write_json_atomic(storage.join(out_url, MANIFEST_NAME), manifest)
+    client.set_terminated(run_id, "FINISHED")
+    return manifest

@@ -1,0 +1,79 @@
+"""What the two LLM workers share: frozen codebooks, the text tokenizer, example streams over
+token shards, the optimizer/engine, and the inference export."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tokenflow.config import TrainingConfig
+from tokenflow.data.shard_encoder import local_copy
+from tokenflow.data.token_shards import TokenSample, iter_token_samples
+from tokenflow.models.llm_weights import save_llm
+from tokenflow.models.quantizer import CodebookFeatures
+from tokenflow.train.engines import deepspeed_config, make_engine
+from tokenflow.train.harness import gathered_state_dict
+from tokenflow.train.sharded_stream import ShardedStream
+
+E = TypeVar("E")
+
+
+def cached_file(url: str) -> Path:
+    """A local path for a file URL (downloaded once per node into a per-URL cache)."""
+    return local_copy(url, f"/tmp/tokenflow-cache/{hashlib.sha256(url.encode()).hexdigest()[:16]}")
+
+
+def load_codebook(tokenizer_url: str) -> CodebookFeatures:
+    """The frozen code vectors of a trained tokenizer export."""
+    from tokenflow.models.weights import load_tokenizer
+
+    return CodebookFeatures.from_quantizer(load_tokenizer(cached_file(tokenizer_url)).quantizer)
+
+
+def example_stream(urls: list[str], expand: Callable[[TokenSample], list[E]], rank: int, world: int,
+                   seed: int) -> ShardedStream[E]:
+    """A resumable rank-sharded stream of the examples ``expand`` makes from each row."""
+    def read(i: int) -> list[E]:
+        return [e for sample in iter_token_samples([urls[i]]) for e in expand(sample)]
+
+    return ShardedStream(len(urls), read, rank, world, seed)
+
+
+def first_examples(urls: list[str], expand: Callable[[TokenSample], list[E]], count: int) -> list[E]:
+    """The first ``count`` examples of the given shards, in order (the same on every rank)."""
+    out: list[E] = []
+    for sample in iter_token_samples(urls):
+        out.extend(expand(sample))
+        if len(out) >= count:
+            return out[:count]
+    return out
+
+
+def engine_for(model: nn.Module, t: TrainingConfig, param_groups: list[dict[str, Any]]):
+    """A DeepSpeed engine with AdamW over ``param_groups`` (frozen parameters left out)."""
+    optimizer = torch.optim.AdamW(param_groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    return make_engine(model, optimizer, deepspeed_config(t.deepspeed, t.micro_batch_size, t.grad_accum,
+                                                          t.grad_clip))
+
+
+def export_llm(model: nn.Module, engine: Any, rank: int, lm: PreTrainedModel, meta: dict[str, Any],
+               url: str, keep: tuple[str, ...] = ()) -> None:
+    """Gather (ZeRO-3 safe) and write the weights (only names starting with ``keep`` when given)
+    to ``url`` from rank 0."""
+    state = gathered_state_dict(model, engine, rank)
+    if rank == 0:
+        if keep:
+            state = {k: v for k, v in state.items() if k.startswith(keep)}
+        save_llm(state, {**meta, "lm_config": lm.config.to_dict()}, url)
+
+
+def special_id(tok: PreTrainedTokenizerBase, token: str) -> int:
+    ids = tok.convert_tokens_to_ids(token)
+    if ids is None or ids == tok.unk_token_id:
+        raise ValueError(f"text tokenizer lacks the special token {token!r}")
+    return int(ids)
