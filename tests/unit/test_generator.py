@@ -112,7 +112,7 @@ def test_generator_trains_and_ignores_later_scales(tiny_config):
     text = left_pad([[1, 7], [1]], pad_id=0)
     out = model(text, tokens)
     out.loss.backward()
-    assert model.feature_proj.weight.grad.abs().sum() > 0
+    assert model.image_inputs.feature_proj.weight.grad.abs().sum() > 0
     assert model.image_head.weight.grad.abs().sum() > 0
     # Changing the last scale's tokens cannot change any prediction (no scale sees its own tokens).
     changed = tokens.clone()

@@ -70,8 +70,31 @@ class GeneratorOutput(NamedTuple):
     logits: torch.Tensor  # [B, num_tokens, K]
 
 
+class ImageInputEmbedding(nn.Module):
+    """Inputs of the image blocks: the start-marker embedding for scale 0, projected
+    teacher-forcing features for later scales, plus a level and a per-position embedding.
+    (A module of its own so ZeRO-3 gathers these parameters on every call, in sampling too.)"""
+
+    def __init__(self, feature_dim: int, width: int, scales: tuple[int, ...]):
+        super().__init__()
+        self.scales = scales
+        self.feature_proj = nn.Linear(feature_dim, width)
+        self.level = nn.Parameter(torch.randn(len(scales), width) * 0.02)
+        self.position = nn.Parameter(torch.randn(sum(s * s for s in scales), width) * 0.02)
+
+    def forward(self, start: torch.Tensor, scale_inputs: list[torch.Tensor]) -> torch.Tensor:
+        """``start`` [B, s0*s0, H] and scale inputs [B, s_j*s_j, D] for j = 1.. -> [B, n, H]."""
+        blocks = [start] + [self.feature_proj(x.to(start.dtype)) for x in scale_inputs]
+        out, offset = [], 0
+        for j, block in enumerate(blocks):
+            n = self.scales[j] ** 2
+            out.append(block + self.level[j] + self.position[offset : offset + n])
+            offset += n
+        return torch.cat(out, dim=1)
+
+
 class NextScaleGenerator(nn.Module):
-    """A causal LM with a feature projector, level/position embeddings and an image head."""
+    """A causal LM with image input embeddings and an image head over the codebook."""
 
     def __init__(self, lm: PreTrainedModel, codebook: CodebookFeatures, image_start_id: int,
                  image_end_id: int):
@@ -80,9 +103,7 @@ class NextScaleGenerator(nn.Module):
         self.codebook = codebook
         self.image_start_id, self.image_end_id = image_start_id, image_end_id
         width = hidden_size(lm)
-        self.feature_proj = nn.Linear(codebook.dim, width)
-        self.level_embed = nn.Parameter(torch.randn(len(codebook.scales), width) * 0.02)
-        self.position_embed = nn.Parameter(torch.randn(codebook.num_tokens, width) * 0.02)
+        self.image_inputs = ImageInputEmbedding(codebook.dim, width, codebook.scales)
         self.image_head = nn.Linear(width, codebook.codebook_size)
         freeze_untied_output_head(lm)
 
@@ -90,25 +111,12 @@ class NextScaleGenerator(nn.Module):
     def scales(self) -> tuple[int, ...]:
         return self.codebook.scales
 
-    def _image_inputs(self, scale_inputs: list[torch.Tensor], batch: int) -> torch.Tensor:
-        """Input embeddings of the first ``len(scale_inputs) + 1`` scale blocks, [B, n, H]."""
-        embed = self.lm.get_input_embeddings()
-        start = embed(torch.full((batch, self.scales[0] ** 2), self.image_start_id,
-                                 device=self.level_embed.device))
-        blocks = [start] + [self.feature_proj(x.to(start.dtype)) for x in scale_inputs]
-        offsets = [0]
-        for s in self.scales:
-            offsets.append(offsets[-1] + s * s)
-        out = []
-        for j, block in enumerate(blocks):
-            out.append(block + self.level_embed[j] + self.position_embed[offsets[j] : offsets[j + 1]])
-        return torch.cat(out, dim=1)
-
     def hidden_states(self, text: TextBatch, scale_inputs: list[torch.Tensor], with_end: bool) -> torch.Tensor:
         """Last hidden states of the text + the image blocks of scales ``0..len(scale_inputs)``."""
         embed = self.lm.get_input_embeddings()
         b, t = text.ids.shape
-        image = self._image_inputs(scale_inputs, b)
+        start = embed(torch.full((b, self.scales[0] ** 2), self.image_start_id, device=text.ids.device))
+        image = self.image_inputs(start, scale_inputs)
         parts = [embed(text.ids), image]
         if with_end:
             parts.append(embed(torch.full((b, 1), self.image_end_id, device=text.ids.device)))
