@@ -66,7 +66,7 @@ def flatten_params(value: Any, prefix: str = "") -> dict[str, str]:
 
 
 def find_or_create_run(experiment_id: str, stage: str, out_url: str, params: dict[str, str],
-                       tags: dict[str, str], parent_run_id: str | None) -> str:
+                       tags: dict[str, str], parent_run_id: str | None, reuse_unfinished: bool = True) -> str:
     """The unfinished MLflow run for this stage output (a resumed job), or a new one."""
     import mlflow
     from mlflow.entities import Param
@@ -76,7 +76,7 @@ def find_or_create_run(experiment_id: str, stage: str, out_url: str, params: dic
                                filter_string=f"tags.`tokenflow.stage` = '{stage}' and "
                                              f"tags.`tokenflow.output` = '{out_url}'",
                                order_by=["attributes.start_time DESC"], max_results=1)
-    if found and found[0].info.status != "FINISHED":
+    if reuse_unfinished and found and found[0].info.status != "FINISHED":
         return found[0].info.run_id
     all_tags = {"tokenflow.stage": stage, "tokenflow.output": out_url, **tags}
     if parent_run_id:
@@ -89,7 +89,7 @@ def find_or_create_run(experiment_id: str, stage: str, out_url: str, params: dic
 
 
 def start_stage_run(cfg: Any, stage: str, sections: set[str], out_url: str, inputs: dict[str, str],
-                    parent_run_id: str | None = None) -> tuple[str, str, dict[str, str]]:
+                    parent_run_id: str | None = None, reuse_unfinished: bool = True) -> tuple[str, str, dict[str, str]]:
     """Open (or reopen, on resume) the stage's MLflow run with its config sections, their hash,
     the git commit and its inputs' digests as params and tags.
 
@@ -107,4 +107,5 @@ def start_stage_run(cfg: Any, stage: str, sections: set[str], out_url: str, inpu
               **{f"input.{name}": digest for name, digest in inputs.items()}}
     tags = {"tokenflow.git_commit": params["git_commit"],
             **{f"tokenflow.input.{name}": digest for name, digest in inputs.items()}}
-    return tracking_uri, find_or_create_run(experiment_id, stage, out_url, params, tags, parent_run_id), params
+    run_id = find_or_create_run(experiment_id, stage, out_url, params, tags, parent_run_id, reuse_unfinished)
+    return tracking_uri, run_id, params

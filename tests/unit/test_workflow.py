@@ -1,0 +1,84 @@
+"""Durable stages: identities, the plan, partial runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokenflow import storage
+from tokenflow.config import load_config
+from tokenflow.workflow.durable import StageOutput, code_version, config_subset
+from tokenflow.workflow.pipeline import downstream
+from tokenflow.workflow.runner import PlanError, describe, plan
+
+from tests.conftest import REPO
+
+SMOKE = REPO / "configs" / "pipelines" / "smoke.yaml"
+
+
+def _hashes(tmp_path, *overrides: str) -> dict[str, str]:
+    return {p.name: p.output.hash for p in plan(load_config(SMOKE, overrides), str(tmp_path))}
+
+
+def test_a_config_change_reruns_exactly_the_dependants(tmp_path):
+    base = _hashes(tmp_path)
+    assert len(set(base.values())) == len(base)
+    cases = {
+        "train_generator.steps=7": {"train_generator", "eval_generation"},
+        "train_generator.sampling.cfg_scale=1.5": {"train_generator", "eval_generation"},
+        "train_understanding.lr=0.0002": {"train_understanding", "eval_understanding"},
+        "pretokenize.micro_batch=8": {"pretokenize", "train_generator", "train_understanding", "eval_generation",
+                                      "eval_understanding"},
+        "train_tokenizer.steps=10": set(base) - {"corpus"},
+        "corpus.shapes.seed=1": set(base),
+        "tracking.experiment=other": set(),
+    }
+    for override, expected in cases.items():
+        changed = {name for name, h in _hashes(tmp_path, override).items() if h != base[name]}
+        assert changed == expected, override
+
+
+def test_identity_covers_code_and_is_stable(tmp_path):
+    assert _hashes(tmp_path) == _hashes(tmp_path)
+    assert len(code_version()) == 64
+    assert config_subset({"a": {"b": 1}}, ("a.b", "a.c", "x")) == {"a.b": 1, "a.c": None, "x": None}
+
+
+def test_complete_stages_are_cached_and_partial_runs_need_their_inputs(tmp_path):
+    cfg = load_config(SMOKE)
+    stages = plan(cfg, str(tmp_path))
+    assert all(p.status == "run" for p in stages)
+    with pytest.raises(PlanError, match="pretokenize needs corpus, train_tokenizer"):
+        plan(cfg, str(tmp_path), only="pretokenize")
+    for name in ("corpus", "train_tokenizer"):  # mark both complete
+        output = next(p.output for p in stages if p.name == name)
+        storage.write_json_atomic(output.manifest_url, {"kind": name})
+    partial = {p.name: p.status for p in plan(cfg, str(tmp_path), only="pretokenize")}
+    assert partial["corpus"] == partial["train_tokenizer"] == "cached"
+    assert partial["pretokenize"] == "run" and partial["train_generator"] == "skipped"
+    started = {p.name: p.status for p in plan(cfg, str(tmp_path), start="pretokenize")}
+    assert [n for n, s in started.items() if s == "run"] == [
+        "pretokenize", "train_generator", "train_understanding", "eval_generation", "eval_understanding"]
+    assert "eval_reconstruction" in describe(plan(cfg, str(tmp_path)))
+
+
+def test_downstream_and_output_layout(tmp_path):
+    assert downstream({"train_generator"}) == {"train_generator", "eval_generation"}
+    out = StageOutput.under(str(tmp_path), "corpus", "ab" * 32)
+    assert out.url.endswith("corpus/" + "ab" * 6) and not out.complete()
+    storage.write_json_atomic(out.manifest_url, {"ok": 1})
+    assert out.complete() and out.manifest() == {"ok": 1}
+    assert json.loads((tmp_path / "corpus" / ("ab" * 6) / "_MANIFEST.json").read_text()) == {"ok": 1}
+
+
+def test_full_py_validates_the_config_before_any_cluster_work(tmp_path):
+    import subprocess
+    import sys
+
+    bad = subprocess.run([sys.executable, "pipelines/full.py", "--config", str(SMOKE), "--set",
+                          "train_generator.steps=-1", "--dry-run"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "train_generator.steps" in bad.stderr
+    dry = subprocess.run([sys.executable, "pipelines/full.py", "--config", str(SMOKE), "--storage", str(tmp_path),
+                          "--dry-run"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert dry.stdout.count(" run ") == 8 and not (tmp_path / "corpus").exists()
