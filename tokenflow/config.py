@@ -395,6 +395,84 @@ class TrainUnderstandingConfig(TrainingConfig):
     max_new_tokens: int = Field(8, gt=0)
 
 
+class FIDConfig(StrictModel):
+    """rFID's Inception-v3 network (:mod:`tokenflow.eval.fid`)."""
+
+    inception_weights: str | None = Field(
+        default=None, description="Local path of the Inception-v3 state dict; None skips rFID "
+        "(reported as skipped).")
+    architecture: Literal["fid", "torchvision"] = Field(
+        "fid", description="fid: the TF-ported FID network (published numbers); torchvision: "
+        "torchvision's ImageNet weights.")
+
+
+class ReconstructionEvalConfig(StrictModel):
+    """The tokenizer's round trip on the corpus' held-out images."""
+
+    max_images: int | None = Field(default=None, gt=0, description="Held-out images scored; None: all.")
+    batch_size: int = Field(32, gt=0)
+    fid: FIDConfig = FIDConfig()
+
+
+class GenEvalRulesConfig(StrictModel):
+    """GenEval's scoring settings (the official values by default)."""
+
+    threshold: float = Field(0.3, ge=0.0, lt=1.0)
+    counting_threshold: float = Field(0.9, ge=0.0, lt=1.0)
+    max_objects: int = Field(16, gt=0)
+    max_overlap: float = Field(1.0, gt=0.0, le=1.0, description="NMS IoU; 1.0 disables it.")
+    position_margin: float = Field(0.1, ge=0.0)
+
+
+class GenerationEvalConfig(StrictModel):
+    """GenEval on the generator: the shapes prompt set (CPU) or the official benchmark."""
+
+    benchmark: Literal["shapes", "geneval"] = "shapes"
+    metadata_url: str | None = Field(default=None, description="Official evaluation_metadata.jsonl (geneval).")
+    shapes_per_tag: int = Field(10, gt=0, description="Prompts per tag of the shapes set.")
+    images_per_prompt: int = Field(4, gt=0)
+    detector_path: str | None = Field(default=None, description="transformers detector directory (geneval).")
+    detector_min_score: float = Field(0.05, ge=0.0, lt=1.0)
+    clip_model: str = Field("ViT-L-14-quickgelu", description="open_clip architecture of clip_weights.")
+    clip_weights: str | None = Field(default=None, description="open_clip state-dict file (geneval).")
+    rules: GenEvalRulesConfig = GenEvalRulesConfig()
+    sampling: SamplingConfig | None = Field(
+        default=None, description="None: train_generator.sampling.")
+
+    @model_validator(mode="after")
+    def _real_backends_configured(self) -> "GenerationEvalConfig":
+        if self.benchmark == "geneval":
+            missing = [k for k in ("metadata_url", "detector_path", "clip_weights") if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"benchmark geneval needs {', '.join(missing)}")
+        return self
+
+
+class UnderstandingEvalConfig(StrictModel):
+    """MME on the understanding model: the shapes set (CPU) or the official release."""
+
+    benchmark: Literal["shapes", "mme"] = "shapes"
+    root_url: str | None = Field(default=None, description="MME_Benchmark_release_version URL (mme).")
+    shapes_per_subtask: int = Field(25, gt=0, description="Images per subtask of the shapes set.")
+    batch_size: int = Field(16, gt=0, description="Questions answered per generate call.")
+
+    @model_validator(mode="after")
+    def _root_given(self) -> "UnderstandingEvalConfig":
+        if self.benchmark == "mme" and not self.root_url:
+            raise ValueError("benchmark mme needs root_url")
+        return self
+
+
+class EvalConfig(StrictModel):
+    """The eval_* stages: benchmarks, scorers' weights, and the untrained baselines' seed."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
+    seed: int = Field(0, ge=0, description="Sampling seeds and the untrained baselines' initialisation.")
+    reconstruction: ReconstructionEvalConfig = ReconstructionEvalConfig()
+    generation: GenerationEvalConfig = GenerationEvalConfig()
+    understanding: UnderstandingEvalConfig = UnderstandingEvalConfig()
+
+
 class TrackingConfig(StrictModel):
     """MLflow tracking. The URI may also come from MLFLOW_TRACKING_URI."""
 
@@ -416,6 +494,7 @@ class TokenFlowConfig(StrictModel):
     train_tokenizer: TrainTokenizerConfig = Field(default_factory=TrainTokenizerConfig)
     train_generator: TrainGeneratorConfig | None = None
     train_understanding: TrainUnderstandingConfig | None = None
+    eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
 
 

@@ -105,3 +105,31 @@ def test_hash_is_stable_and_ignores_key_order():
     cfg2 = load_config(TINY, ["tokenizer.name=tokenflow-tiny"])
     assert config_hash(cfg1) == config_hash(cfg2)
     assert config_hash(cfg1) != config_hash(load_config(TINY, ["tokenizer.quantizer.beta=0.5"]))
+
+
+def test_eval_section_defaults_run_the_cpu_shapes_benchmarks():
+    cfg = load_config(TINY).eval
+    assert (cfg.generation.benchmark, cfg.understanding.benchmark) == ("shapes", "shapes")
+    assert cfg.reconstruction.fid.inception_weights is None and cfg.generation.sampling is None
+
+
+def test_eval_real_benchmarks_need_their_data_and_weights():
+    with pytest.raises(ConfigError, match=r"eval\.generation: benchmark geneval needs metadata_url, "
+                                          r"detector_path, clip_weights"):
+        load_config(TINY, ["eval.generation.benchmark=geneval"])
+    with pytest.raises(ConfigError, match=r"eval\.understanding: benchmark mme needs root_url"):
+        load_config(TINY, ["eval.understanding.benchmark=mme"])
+    cfg = load_config(TINY, ["eval.generation.benchmark=geneval", "eval.generation.metadata_url=m.jsonl",
+                             "eval.generation.detector_path=/w/det", "eval.generation.clip_weights=/w/clip",
+                             "eval.understanding.benchmark=mme", "eval.understanding.root_url=s3://b/mme"])
+    assert cfg.eval.generation.detector_path == "/w/det" and cfg.eval.understanding.root_url == "s3://b/mme"
+
+
+def test_eval_section_rejects_bad_values_with_their_paths():
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["eval.reconstruction.fid.architecture=tf", "eval.generation.images_per_prompt=0",
+                           "eval.generation.sampling={top_k: [1], top_p: [0.8, 0.0]}", "eval.bogus=1"])
+    message = str(err.value)
+    for where in ("eval.reconstruction.fid.architecture", "eval.generation.images_per_prompt",
+                  "eval.generation.sampling: top_k has 1 rounds but top_p 2", "eval.bogus: unknown key"):
+        assert where in message, where
