@@ -82,3 +82,10 @@ def test_full_py_validates_the_config_before_any_cluster_work(tmp_path):
     dry = subprocess.run([sys.executable, "pipelines/full.py", "--config", str(SMOKE), "--storage", str(tmp_path),
                           "--dry-run"], cwd=REPO, capture_output=True, text=True, check=True)
     assert dry.stdout.count(" run ") == 8 and not (tmp_path / "corpus").exists()
+
+
+@pytest.mark.parametrize("name", ["smoke", "tokenflow-b", "tokenflow-xl"])
+def test_every_pipeline_config_validates_and_plans(name, tmp_path):
+    cfg = load_config(REPO / "configs" / "pipelines" / f"{name}.yaml")
+    assert cfg.train_generator is not None and cfg.train_understanding is not None
+    assert [p.status for p in plan(cfg, str(tmp_path))] == ["run"] * 8

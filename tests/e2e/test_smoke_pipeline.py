@@ -1,0 +1,89 @@
+"""README command 1's path: the whole smoke pipeline through `ray start --head` + `ray job submit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+DASHBOARD = "http://127.0.0.1:8265"
+STAGES = ("corpus", "train_tokenizer", "eval_reconstruction", "pretokenize", "train_generator",
+          "train_understanding", "eval_generation", "eval_understanding")
+PROMISED = {
+    "train_tokenizer": ("loss/total", "codebook/usage", "heldout_psnr"),
+    "train_generator": ("loss/image_tokens", "heldout/loss", "heldout/unigram_entropy"),
+    "train_understanding": ("align/loss/answer", "loss/answer", "heldout/yes_no_accuracy", "heldout/majority_rate"),
+    "corpus": ("stage_seconds",),
+    "pretokenize": ("stage_seconds",),
+}
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               DS_ACCELERATOR="cpu", PATH=f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}")
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    subprocess.run(["ray", "start", "--head", "--num-cpus", "2", "--dashboard-host", "127.0.0.1",
+                    "--disable-usage-stats"], env=_env(), check=True, capture_output=True)
+    yield
+    subprocess.run(["ray", "stop", "--force"], env=_env(), capture_output=True)
+
+
+def _submit(storage: Path, *args: str) -> subprocess.CompletedProcess:
+    runtime_env = json.dumps({"env_vars": {"TOKENFLOW_GIT_COMMIT": "e2e-test", "DS_ACCELERATOR": "cpu"}})
+    cmd = ["ray", "job", "submit", "--address", DASHBOARD, "--working-dir", str(REPO), "--runtime-env-json",
+           runtime_env, "--", "python", "pipelines/full.py", "--config", "configs/pipelines/smoke.yaml",
+           "--storage", str(storage), *args]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
+
+
+def test_smoke_pipeline_runs_end_to_end_then_is_cached(ray_head, tmp_path):
+    import mlflow
+
+    storage = tmp_path / "storage"
+    first = _submit(storage)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    for stage in STAGES:
+        manifests = list(storage.glob(f"{stage}/*/_MANIFEST.json"))
+        assert len(manifests) == 1, stage
+
+    client = mlflow.MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tokenflow")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("tokenflow.stage") == "pipeline"]
+    assert parent.info.status == "FINISHED"
+    children = {r.data.tags["tokenflow.stage"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == set(STAGES)
+    for stage, run in children.items():
+        assert run.info.status == "FINISHED", stage
+        assert run.data.tags["tokenflow.git_commit"] == "e2e-test"
+        manifest_dir = Path(storage / stage).glob("*")
+        assert run.data.tags["tokenflow.stage_hash"][:12] == next(manifest_dir).name, stage
+        for metric in PROMISED.get(stage, ()):
+            assert client.get_metric_history(run.info.run_id, metric), (stage, metric)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"stage_config.json", "output"} <= artifacts, stage
+    assert any(k.startswith("eval_generation/") for k in parent.data.metrics)
+    assert any(k.startswith("eval_understanding/") for k in parent.data.metrics)
+    assert any(k.startswith("eval_reconstruction/") for k in parent.data.metrics)
+
+    started = time.monotonic()
+    second = _submit(storage)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert time.monotonic() - started < 60
+    assert second.stdout.count(" cached ") == len(STAGES)
+
+    dry = _submit(storage, "--dry-run", "--set", "train_generator.steps=601")
+    rerun = sorted(line.split()[0] for line in dry.stdout.splitlines() if " run " in line)
+    assert rerun == ["eval_generation", "train_generator"]
