@@ -8,7 +8,7 @@ from typing import Any
 from tokenflow import storage
 from tokenflow.config import CorpusConfig
 from tokenflow.data.corpus import CorpusError, list_shards
-from tokenflow.data.manifest import corpus_manifest, index_shard
+from tokenflow.data.manifest import ShardRecord, corpus_manifest, index_shard
 from tokenflow.data.shapes import write_shapes_corpus
 from tokenflow.data.token_shards import MANIFEST_NAME
 
@@ -30,10 +30,20 @@ def corpus_splits(cfg: CorpusConfig, out_url: str) -> dict[str, list[str]]:
     return {"train": train[:cut], "heldout": train[cut:]}
 
 
+def index_shards(urls: list[str]) -> list[ShardRecord]:
+    """Index shards (count, size, sha256): as parallel Ray tasks when connected to Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return [index_shard(u) for u in urls]
+    task = ray.remote(num_cpus=1)(index_shard)
+    return ray.get([task.remote(u) for u in urls])
+
+
 def build_corpus(cfg: CorpusConfig, out_url: str) -> dict[str, Any]:
     """Make or index the corpus, write ``<out_url>/_MANIFEST.json`` last, and return the manifest."""
     splits = corpus_splits(cfg, out_url)
-    records = {split: [index_shard(u) for u in urls] for split, urls in splits.items()}
+    records = {split: index_shards(urls) for split, urls in splits.items()}
     source = cfg.model_dump(mode="json")
     manifest = corpus_manifest(records, source)
     for split, block in manifest["splits"].items():
