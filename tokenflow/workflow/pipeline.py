@@ -95,15 +95,16 @@ def _eval_understanding(cfg: TokenFlowConfig, inputs: Inputs, out: str, parent: 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("corpus", (), ("corpus",), _corpus, tracks_itself=False),
     StageSpec("train_tokenizer", ("corpus",), ("tokenizer", "train_tokenizer"), _train_tokenizer),
-    StageSpec("eval_reconstruction", ("corpus", "train_tokenizer"), ("eval.reconstruction",), _eval_reconstruction),
+    StageSpec("eval_reconstruction", ("corpus", "train_tokenizer"), ("eval.reconstruction", "eval.seed", "eval.device"),
+              _eval_reconstruction),
     StageSpec("pretokenize", ("corpus", "train_tokenizer"), ("pretokenize",), _pretokenize, tracks_itself=False),
     StageSpec("train_generator", ("pretokenize", "train_tokenizer"), ("train_generator",), _train_generator),
     StageSpec("train_understanding", ("pretokenize", "train_tokenizer"), ("train_understanding",),
               _train_understanding),
     StageSpec("eval_generation", ("corpus", "train_tokenizer", "train_generator"),
-              ("eval.generation", "train_generator.sampling"), _eval_generation),
+              ("eval.generation", "eval.seed", "eval.device", "train_generator.sampling"), _eval_generation),
     StageSpec("eval_understanding", ("corpus", "train_tokenizer", "train_understanding"),
-              ("eval.understanding",), _eval_understanding),
+              ("eval.understanding", "eval.seed", "eval.device"), _eval_understanding),
 )
 BY_NAME = {s.name: s for s in STAGES}
 
