@@ -1,0 +1,203 @@
+"""The eval stages on a real shapes corpus, tiny model exports and a local MLflow store (no Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from tokenflow.config import ConfigError, LanguageModelConfig, load_config
+from tokenflow.data.corpus import iter_shard
+from tokenflow.data.manifest import corpus_manifest, index_shard
+from tokenflow.data.shapes import write_shapes_corpus
+from tokenflow.eval import runners
+from tokenflow.models.generator import NextScaleGenerator
+from tokenflow.models.language_model import build_language_model
+from tokenflow.models.llm_weights import TEXT_TOKENIZER_DIR, WEIGHTS_NAME, save_llm, save_text_tokenizer
+from tokenflow.models.quantizer import CodebookFeatures
+from tokenflow.models.text import IMAGE_END, IMAGE_START, chat_answer, chat_prompt, train_bpe
+from tokenflow.models.tokenizer import TokenFlowTokenizer
+from tokenflow.models.understanding import UnderstandingModel
+from tokenflow.models.weights import load_tokenizer, save_tokenizer
+from tokenflow.stages.evaluate import run_eval_generation, run_eval_reconstruction, run_eval_understanding
+
+from tests.conftest import MODEL_CONFIGS
+from tests.integration.test_train_llm import TINY_LM
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Small models on shared CPUs: one intra-op thread is many times faster than a spinning pool."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A shapes corpus whose held-out split also holds a Parquet shard with one undecodable image
+    and one sample without an image."""
+    root = tmp_path_factory.mktemp("eval-corpus")
+    splits = write_shapes_corpus(str(root / "shapes"), num_samples=60, shard_size=30, seed=0, heldout_fraction=0.5)
+    broken = root / "broken.parquet"
+    pq.write_table(pa.table({"key": ["garbage", "no-image"], "image": [b"not an image", None],
+                             "caption": ["x", "y"]}), broken)
+    return corpus_manifest({"train": [index_shard(u) for u in splits["train"]],
+                            "heldout": [index_shard(u) for u in [*splits["heldout"], str(broken)]]},
+                           {"kind": "shapes"})
+
+
+def _export(model, lm, meta: dict, out, tok) -> str:
+    """Write an untrained model as the LLM stages export it (weights + metadata, text tokenizer)."""
+    save_llm({k: v.clone() for k, v in model.state_dict().items()}, {**meta, "lm_config": lm.config.to_dict(), "attn_implementation": "sdpa"},
+             str(out / WEIGHTS_NAME))
+    save_text_tokenizer(tok, str(out / TEXT_TOKENIZER_DIR))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, corpus, tiny_tokenizer_path):
+    """Untrained (seeded) generator and understanding exports reading the tiny tokenizer's codes."""
+    texts = []
+    for record in corpus["splits"]["train"]["shards"]:
+        for sample in iter_shard(record["url"]):
+            texts.append(sample.caption)
+            texts += [chat_prompt(q["question"]) + chat_answer(q["answer"])
+                      for q in json.loads(sample.json)["questions"]]
+    tok = train_bpe(texts, 400)
+    codebook = CodebookFeatures.from_quantizer(load_tokenizer(tiny_tokenizer_path).quantizer)
+    scales = list(codebook.scales)
+    lm_cfg = LanguageModelConfig(architecture=yaml.safe_load(TINY_LM))
+    root = tmp_path_factory.mktemp("exports")
+    torch.manual_seed(0)
+    lm = build_language_model(lm_cfg, len(tok))
+    start, end = tok.convert_tokens_to_ids(IMAGE_START), tok.convert_tokens_to_ids(IMAGE_END)
+    generator = _export(NextScaleGenerator(lm, codebook, start, end), lm,
+                        {"kind": "generator", "scales": scales, "image_start_id": start, "image_end_id": end},
+                        root / "generator", tok)
+    lm = build_language_model(lm_cfg, len(tok))
+    understanding = _export(UnderstandingModel(lm, codebook, tok.bos_token_id), lm,
+                            {"kind": "understanding", "scales": scales, "bos_id": tok.bos_token_id},
+                            root / "understanding", tok)
+    return generator, understanding
+
+
+def _config(out, *extra: str):
+    lm = f"language_model.architecture={TINY_LM}"
+    return load_config(MODEL_CONFIGS / "tokenflow-tiny.yaml", [
+        f"train_generator.{lm}", f"train_understanding.{lm}", "train_understanding.max_new_tokens=2",
+        "train_generator.sampling={cfg_scale: 2.0, top_k: [20, 1], top_p: [0.8, 0.0]}",
+        "eval.reconstruction.batch_size=8", "eval.generation.shapes_per_tag=2", "eval.generation.images_per_prompt=2",
+        "eval.understanding.shapes_per_subtask=2", "eval.understanding.batch_size=4",
+        f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}", *extra])
+
+
+def _finished_run(out, manifest: dict, stage: str):
+    """The stage's MLflow client and run, after checking the manifest against the outputs."""
+    assert json.loads((out / "_MANIFEST.json").read_text()) == manifest
+    assert manifest["kind"] == stage and manifest["results"] == "results.parquet"
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    run = client.get_run(manifest["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["tokenflow.stage"] == stage
+    assert run.data.metrics == pytest.approx(manifest["metrics"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"results.parquet", "grids"}
+    return client, run
+
+
+def test_eval_reconstruction(corpus, tiny_tokenizer_path, tmp_path):
+    out = tmp_path / "recon"
+    manifest = run_eval_reconstruction(_config(out), corpus, str(tiny_tokenizer_path), str(out))
+    client, run = _finished_run(out, manifest, "eval_reconstruction")
+    heldout = corpus["splits"]["heldout"]["samples"]
+    m = manifest["metrics"]
+    assert m["num_images"] == heldout - 2 and m["undecodable_images"] == 2
+    for key in ("psnr", "ssim", "codebook_usage", "codebook_perplexity"):
+        assert key in m and f"baseline/{key}" in m
+    assert "rfid" not in m and manifest["skipped"] == {"rfid": "eval.reconstruction.fid.inception_weights is not set"}
+    assert run.data.tags["tokenflow.skipped.rfid"] == manifest["skipped"]["rfid"]
+    assert manifest["inputs"]["tokenizer"] == run.data.params["input.tokenizer"]
+
+    table = pq.read_table(out / "results.parquet").to_pylist()
+    assert len(table) == heldout
+    errors = {r["key"]: r["error"] for r in table if r["error"]}
+    assert errors == {"garbage": "undecodable", "no-image": "missing_image"}
+    assert all(r["psnr"] is None for r in table if r["error"])
+    assert sum(r["psnr"] for r in table if not r["error"]) / m["num_images"] == pytest.approx(m["psnr"])
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "grids")] == ["grids/reconstructions.png"]
+
+
+def test_eval_generation_scores_a_failed_generation_as_zero(corpus, exports, tiny_tokenizer_path, tmp_path,
+                                                            monkeypatch):
+    calls = []
+    real = runners.sample_tokens
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the trained model's second prompt
+            raise RuntimeError("sampler exploded")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runners, "sample_tokens", flaky)
+    out = tmp_path / "gen"
+    manifest = run_eval_generation(_config(out), corpus, exports[0], str(tiny_tokenizer_path), str(out))
+    client, run = _finished_run(out, manifest, "eval_generation")
+    prompts = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    assert len(prompts) >= 4 and len(calls) == 2 * len(prompts)
+
+    table = pq.read_table(out / "results.parquet").to_pylist()
+    assert len(table) == 2 * len(prompts)
+    assert [(r["prompt_index"], r["index"]) for r in table] == [(i, j) for i in range(len(prompts)) for j in (0, 1)]
+    failed = [r for r in table if r["reason"].startswith("generation failed")]
+    assert [(r["prompt_index"], r["correct"]) for r in failed] == [(1, False), (1, False)]
+    assert "sampler exploded" in failed[0]["reason"]
+    assert not table[2]["baseline_reason"].startswith("generation failed")
+
+    m = manifest["metrics"]
+    assert m["failed_generations"] == 2 and m["baseline/failed_generations"] == 0
+    assert m["num_images"] == m["baseline/num_images"] == len(table)
+    tags = {p["tag"] for p in prompts}
+    assert {f"{t}/accuracy" for t in tags} <= set(m) and 0.0 <= m["overall"] <= 1.0 and "baseline/overall" in m
+    assert {"corpus_manifest", "prompts", "generator", "tokenizer"} == set(manifest["inputs"])
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "grids")}
+    assert names == {"grids/generations.png", "grids/baseline_generations.png"}
+    assert "prompts.jsonl" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_eval_understanding(corpus, exports, tiny_tokenizer_path, tmp_path):
+    out = tmp_path / "und"
+    manifest = run_eval_understanding(_config(out), corpus, exports[1], str(tiny_tokenizer_path), str(out))
+    client, run = _finished_run(out, manifest, "eval_understanding")
+    table = pq.read_table(out / "results.parquet").to_pylist()
+    subtasks = {r["subtask"] for r in table}
+    assert len(table) == 2 * 2 * len(subtasks) and subtasks <= {"existence", "count", "color", "position"}
+    assert all(r["question"].endswith("Please answer yes or no.") and r["error"] is None for r in table)
+    m = manifest["metrics"]
+    assert m["num_questions"] == len(table) and m["undecodable_images"] == 0
+    for s in subtasks:
+        assert sum(r["correct"] for r in table if r["subtask"] == s) / 4 == pytest.approx(m[f"{s}/accuracy"])
+        assert f"baseline/{s}/score" in m
+    assert m["perception"] == pytest.approx(sum(m[f"{s}/score"] for s in subtasks))
+    assert "commonsense_reasoning" in manifest["missing_subtasks"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "grids")] == ["grids/answers.png"]
+
+
+def test_eval_refuses_models_of_another_tokenizer_and_missing_sections(corpus, exports, tiny_config, tmp_path):
+    torch.manual_seed(1)
+    other = tmp_path / "other.safetensors"
+    save_tokenizer(TokenFlowTokenizer(tiny_config, with_teacher=False), other)
+    cfg = _config(tmp_path)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        run_eval_generation(cfg, corpus, exports[0], str(other), str(tmp_path / "g"))
+    with pytest.raises(ValueError, match="another tokenizer"):
+        run_eval_understanding(cfg, corpus, exports[1], str(other), str(tmp_path / "u"))
+    bare = load_config(MODEL_CONFIGS / "tokenflow-tiny.yaml")
+    with pytest.raises(ConfigError, match="needs the train_generator section"):
+        run_eval_generation(bare, corpus, exports[0], str(other), str(tmp_path / "g"))
+    assert not (tmp_path / "g").exists() and not (tmp_path / "u").exists()

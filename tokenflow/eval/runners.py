@@ -1,0 +1,188 @@
+"""Running models on the benchmarks: GenEval images from the generator, MME replies from the
+understanding model, and the untrained baselines both are compared with.
+
+Generation: a prompt's ``n`` images are one batch, sampled with a generator seeded from
+``(seed, prompt index)``, so they depend on neither the other prompts nor their number. Prompts
+are tokenized as in training (``<s>`` + caption, cut to ``max_text_tokens``; the empty prompt
+``<s>`` is the unconditional input). A prompt whose sampling or decoding raises scores 0 on every
+one of its images, the error as the reason: failures are counted, never skipped.
+
+Understanding: each distinct image is decoded, preprocessed to the tokenizer's resolution and
+encoded once; an image that cannot be decoded gets an empty reply (unparseable, so wrong) to each
+of its questions.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Container, Mapping, Sequence, TypeVar
+
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from tokenflow import storage
+from tokenflow.config import SamplingConfig, TokenizerConfig
+from tokenflow.data.decode import DecodeError, decode_image, preprocess
+from tokenflow.eval.geneval import (ColorClassifier, GenEvalPrompt, GenEvalRules, ImageResult, ObjectDetector,
+                                    score_image)
+from tokenflow.eval.mme import MMEQuestion
+from tokenflow.models.generator import NextScaleGenerator, TextBatch, left_pad
+from tokenflow.models.language_model import language_model_from_config
+from tokenflow.models.quantizer import CodebookFeatures
+from tokenflow.models.sampling import sample_tokens
+from tokenflow.models.text import encode_text
+from tokenflow.models.tokenizer import TokenFlowTokenizer
+from tokenflow.models.understanding import UnderstandingModel
+from tokenflow.train.harness import seed_for
+from tokenflow.viz import to_uint8
+
+log = logging.getLogger(__name__)
+
+LLM = TypeVar("LLM", NextScaleGenerator, UnderstandingModel)
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def untrained_tokenizer(cfg: TokenizerConfig, seed: int) -> TokenFlowTokenizer:
+    """A randomly initialised inference tokenizer of ``cfg`` (seeded; global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TokenFlowTokenizer(cfg, with_teacher=False).eval()
+
+
+def untrained_like(model: LLM, seed: int) -> LLM:
+    """A randomly initialised (seeded) model of ``model``'s architecture, on its device, sharing
+    its frozen codebook and special token ids."""
+    lm_config = model.lm.config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        lm = language_model_from_config(lm_config.to_dict(), lm_config._attn_implementation)
+        if isinstance(model, NextScaleGenerator):
+            fresh = NextScaleGenerator(lm, model.codebook, model.image_start_id, model.image_end_id)
+        else:
+            fresh = UnderstandingModel(lm, model.codebook, model.bos_id)
+    return fresh.to(_device(model)).eval()
+
+
+def check_codebook(codebook: CodebookFeatures, tokenizer: TokenFlowTokenizer, model_url: str) -> None:
+    """Raise ``ValueError`` unless the model reads the tokenizer's codes (same scales and vectors)."""
+    ref = CodebookFeatures.from_quantizer(tokenizer.quantizer).to(codebook.semantic.device)
+    same = (ref.scales == codebook.scales and ref.semantic.shape == codebook.semantic.shape
+            and ref.pixel.shape == codebook.pixel.shape and torch.allclose(ref.semantic, codebook.semantic)
+            and torch.allclose(ref.pixel, codebook.pixel))
+    if not same:
+        raise ValueError(f"{model_url} was trained on the tokens of another tokenizer (its codebook differs)")
+
+
+# --------------------------------------------------------------------------- GenEval
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The verdict on one generated image; ``failed``: no image (sampling or decoding raised)."""
+
+    prompt_index: int
+    index: int
+    result: ImageResult
+    failed: bool
+
+
+def sample_prompt_images(model: NextScaleGenerator, tok: PreTrainedTokenizerBase, tokenizer: TokenFlowTokenizer,
+                         prompt: str, n: int, sampling: SamplingConfig, seed: int,
+                         max_text_tokens: int) -> torch.Tensor:
+    """``n`` images ``[n, 3, S, S]`` in [0, 1] (CPU) for one prompt."""
+    device = _device(model)
+    ids = [tok.bos_token_id] + encode_text(tok, prompt, max_text_tokens)[0]
+    text, empty = left_pad([ids] * n, tok.pad_token_id), left_pad([[tok.bos_token_id]], tok.pad_token_id)
+    tokens = sample_tokens(model, TextBatch(text.ids.to(device), text.mask.to(device)),
+                           TextBatch(empty.ids.to(device), empty.mask.to(device)), sampling,
+                           torch.Generator(device=device).manual_seed(seed))
+    images = tokenizer.decode_indices(tokens.to(_device(tokenizer))).clamp(0, 1).cpu()
+    if images.shape[0] != n:
+        raise ValueError(f"expected {n} images, got {images.shape[0]}")
+    return images
+
+
+def generate_and_score(model: NextScaleGenerator, tok: PreTrainedTokenizerBase, tokenizer: TokenFlowTokenizer,
+                       prompts: Sequence[GenEvalPrompt], images_per_prompt: int, sampling: SamplingConfig,
+                       seed: int, max_text_tokens: int, detector: ObjectDetector, color_classifier: ColorClassifier,
+                       rules: GenEvalRules, keep: Container[int] = (),
+                       ) -> tuple[list[Generation], dict[int, torch.Tensor]]:
+    """Sample and score ``images_per_prompt`` images per prompt; also returns the images of the
+    prompt indices in ``keep`` (for grids; the rest are not held in memory)."""
+    out: list[Generation] = []
+    kept: dict[int, torch.Tensor] = {}
+    model.eval()
+    for i, prompt in enumerate(prompts):
+        try:
+            images = sample_prompt_images(model, tok, tokenizer, prompt.prompt, images_per_prompt, sampling,
+                                          seed_for(seed, i), max_text_tokens)
+        except Exception as exc:  # scored 0 and counted, whatever went wrong with this prompt
+            log.warning("generation failed for prompt %d (%r): %s", i, prompt.prompt, exc)
+            reason = f"generation failed: {type(exc).__name__}: {exc}"
+            out.extend(Generation(i, j, ImageResult(prompt.tag, prompt.prompt, False, reason), True)
+                       for j in range(images_per_prompt))
+            continue
+        if i in keep:
+            kept[i] = images
+        for j, pixels in enumerate(to_uint8(images)):
+            result = score_image(Image.fromarray(pixels), prompt, detector, color_classifier, rules)
+            out.append(Generation(i, j, result, False))
+    return out, kept
+
+
+# --------------------------------------------------------------------------- MME
+
+
+def load_image(url: str, size: int) -> torch.Tensor:
+    """An image file as the tokenizer's input ``[3, size, size]``; raises ``DecodeError``."""
+    return preprocess(decode_image(storage.read_bytes(url)), size)
+
+
+def encode_images(tokenizer: TokenFlowTokenizer, urls: Sequence[str],
+                  batch_size: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tokens (CPU) of each distinct image URL, and the decode-failure reason of the others."""
+    tokens: dict[str, torch.Tensor] = {}
+    failed: dict[str, str] = {}
+    size, device = tokenizer.cfg.image_size, _device(tokenizer)
+    pending: dict[str, torch.Tensor] = {}
+
+    def flush() -> None:
+        encoded = tokenizer.encode(torch.stack(list(pending.values())).to(device)).cpu()
+        tokens.update(zip(pending, encoded))
+        pending.clear()
+
+    tokenizer.eval()
+    for url in dict.fromkeys(urls):
+        try:
+            pending[url] = load_image(url, size)
+        except DecodeError as exc:
+            log.warning("cannot decode %s: %s", url, exc)
+            failed[url] = exc.reason
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    return tokens, failed
+
+
+def answer_questions(model: UnderstandingModel, tok: PreTrainedTokenizerBase, questions: Sequence[MMEQuestion],
+                     tokens: Mapping[str, torch.Tensor], batch_size: int, max_new_tokens: int,
+                     max_text_tokens: int) -> list[str]:
+    """Greedy replies in question order; ``""`` where the image has no tokens."""
+    replies = [""] * len(questions)
+    answerable = [i for i, q in enumerate(questions) if q.image in tokens]
+    device = _device(model)
+    model.eval()
+    for start in range(0, len(answerable), batch_size):
+        chunk = answerable[start : start + batch_size]
+        images = torch.stack([tokens[questions[i].image] for i in chunk]).to(device)
+        answers = model.generate(images, [questions[i].question for i in chunk], tok, max_new_tokens,
+                                 max_text_tokens)
+        for i, answer in zip(chunk, answers):
+            replies[i] = answer
+    return replies
