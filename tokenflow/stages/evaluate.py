@@ -14,6 +14,7 @@ import io
 import logging
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -231,6 +232,17 @@ def _geneval_metrics(generations: list[Generation]) -> dict[str, float]:
             "failed_generations": float(sum(g.failed for g in generations))}
 
 
+def _grid_prompts(prompts: Sequence[GenEvalPrompt]) -> set[int]:
+    """Indices of the first GRID_PROMPTS_PER_TAG prompts of each tag."""
+    per_tag: Counter[str] = Counter()
+    shown = set()
+    for i, prompt in enumerate(prompts):
+        if per_tag[prompt.tag] < GRID_PROMPTS_PER_TAG:
+            per_tag[prompt.tag] += 1
+            shown.add(i)
+    return shown
+
+
 def _generation_grid(prompts: Sequence[GenEvalPrompt], shown: set[int], generations: list[Generation],
                      images: dict[int, torch.Tensor], n: int, size: int) -> tuple[list[torch.Tensor], list[str]]:
     """One row per shown prompt: its images (grey where generation failed), labelled with the
@@ -272,10 +284,9 @@ def run_eval_generation(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any], g
 
     detector, classifier = _scorers(g, device)
     rules = GenEvalRules(**g.rules.model_dump())
-    keep = {i for tag in dict.fromkeys(p.tag for p in prompts)
-            for i in [j for j, p in enumerate(prompts) if p.tag == tag][:GRID_PROMPTS_PER_TAG]}
+    shown = _grid_prompts(prompts)
     args = (prompts, g.images_per_prompt, g.sampling or t.sampling, cfg.eval.seed,
-            t.language_model.max_text_tokens, detector, classifier, rules, keep)
+            t.language_model.max_text_tokens, detector, classifier, rules, shown)
     with tempfile.TemporaryDirectory() as scratch:
         run = _StageRun(cfg, "eval_generation", {"eval", "train_generator"}, out_url, inputs, parent_run_id, scratch)
         run.output_artifact(PROMPTS_NAME)
@@ -286,9 +297,9 @@ def run_eval_generation(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any], g
                     "baseline_reason": b.result.reason} for a, b in zip(generations, base_generations)],
                   GENERATION_SCHEMA)
         size = tokenizer.cfg.image_size
-        run.grid("generations.png", *_generation_grid(prompts, keep, generations, images, g.images_per_prompt, size))
+        run.grid("generations.png", *_generation_grid(prompts, shown, generations, images, g.images_per_prompt, size))
         run.grid("baseline_generations.png",
-                 *_generation_grid(prompts, keep, base_generations, base_images, g.images_per_prompt, size))
+                 *_generation_grid(prompts, shown, base_generations, base_images, g.images_per_prompt, size))
         metrics = _with_baseline(_geneval_metrics(generations), _geneval_metrics(base_generations))
         return run.finish(metrics, benchmark=g.benchmark, prompts=PROMPTS_NAME)
 
