@@ -201,8 +201,8 @@ def test_questions_are_one_yes_one_no_and_true(records):
             types[kind] += 1
         turns = record["conversations"]
         assert [t["from"] for t in turns] == ["human", "gpt"] * 2
-        assert turns[0]["value"] == f"<image>\n{questions[0]['question']} Answer yes or no."
-        assert turns[2]["value"] == f"{questions[1]['question']} Answer yes or no."
+        assert turns[0]["value"] == f"<image>\n{questions[0]['question']} Please answer yes or no."
+        assert turns[2]["value"] == f"{questions[1]['question']} Please answer yes or no."
         assert [turns[1]["value"], turns[3]["value"]] == [q["answer"].capitalize() for q in questions]
     assert set(types) == {"existence", "count", "color", "position"}
 

@@ -300,7 +300,7 @@ def make_conversations(questions: Iterable[Mapping[str, str]]) -> list[dict[str,
     turns: list[dict[str, str]] = []
     for i, q in enumerate(questions):
         prefix = "<image>\n" if i == 0 else ""
-        turns.append({"from": "human", "value": f"{prefix}{q['question']} Answer yes or no."})
+        turns.append({"from": "human", "value": f"{prefix}{q['question']} Please answer yes or no."})
         turns.append({"from": "gpt", "value": q["answer"].capitalize()})
     return turns
 
