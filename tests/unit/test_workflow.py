@@ -32,7 +32,7 @@ def test_a_config_change_reruns_exactly_the_dependants(tmp_path):
                                       "eval_understanding"},
         "train_tokenizer.steps=10": set(base) - {"corpus"},
         "corpus.shapes.seed=1": set(base),
-        "eval.generation.images_per_prompt=2": {"eval_generation"},
+        "eval.generation.images_per_prompt=3": {"eval_generation"},
         "eval.understanding.shapes_per_subtask=5": {"eval_understanding"},
         "eval.seed=3": {"eval_reconstruction", "eval_generation", "eval_understanding"},
         "tracking.experiment=other": set(),
