@@ -35,6 +35,8 @@ QUARANTINE_SCHEMA = pa.schema([
     pa.field("shard", pa.string(), nullable=False),
     pa.field("reason", pa.string(), nullable=False),
 ])
+_ENTROPY_CODECS = ("zstd", "gzip")
+_TOKENS_LEAF = "tokens.list.element"  # the Parquet leaf column of ``tokens``
 
 
 class TokenShardError(ValueError):
@@ -106,9 +108,19 @@ def build_token_table(keys: list[str], tokens: np.ndarray, captions: list[str | 
 
 
 def parquet_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
-    """Serialise a table to Parquet bytes (deterministic for the same table and pyarrow)."""
+    """Serialise a table to Parquet bytes (deterministic for the same table and pyarrow).
+
+    With an entropy-coding codec (zstd, gzip) token indices are written BYTE_STREAM_SPLIT instead
+    of dictionary-encoded: the dictionary page of a K=32768 codebook costs ~0.5 B/token in a
+    250-image shard, while split byte streams compress to within 2% of log2(K)/8 at any shard
+    size (benchmarks/RESULTS.md). Needs a reader with BYTE_STREAM_SPLIT for INT32 (Arrow >= 17).
+    """
+    options: dict[str, object] = {}
+    if compression in _ENTROPY_CODECS and "tokens" in table.column_names:
+        options = {"use_dictionary": [n for n in table.column_names if n != "tokens"],
+                   "column_encoding": {_TOKENS_LEAF: "BYTE_STREAM_SPLIT"}}
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression=None if compression == "none" else compression)
+    pq.write_table(table, sink, compression=None if compression == "none" else compression, **options)
     return sink.getvalue()
 
 
