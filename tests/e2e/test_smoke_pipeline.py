@@ -47,6 +47,7 @@ def _submit(storage: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
 
 
+@pytest.mark.timeout(2700)
 def test_smoke_pipeline_runs_end_to_end_then_is_cached(ray_head, tmp_path):
     import mlflow
 
