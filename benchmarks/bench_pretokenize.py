@@ -1,0 +1,261 @@
+"""Pre-tokenize throughput: bare encode ceiling vs the Ray Data stage vs a per-image .npy loop.
+
+    python -m benchmarks.bench_pretokenize [--quick] [--images 3000] [--work-dir DIR]
+
+One shapes corpus (webdataset tars, 64 px PNGs) and one tiny tokenizer (randomly initialised,
+seed 0), three ways, on the same 2-CPU budget:
+
+(a) the bare model: ``ShardEncoder.encode_images`` (the stage's own fixed-shape micro-batch
+    path, micro-batch 16) on images decoded beforehand (not timed), 2 processes x 1 torch thread
+    started together: the ceiling;
+(b) ``run_pretokenize`` end to end (read tar -> decode -> encode -> Parquet), 2 actors x 1 CPU
+    (Ray gives each actor OMP_NUM_THREADS=1, so 1 torch thread), Ray already started; "steady"
+    subtracts the stage's fixed cost (actor start-up, manifest), measured by running it again
+    over the finished output (every shard skipped);
+(c) the common baseline (LlamaGen-style code extraction): for each image decode, encode at batch
+    size 1, ``np.save`` one int64 .npy file per image; as 2 processes x 1 thread and as 1 process
+    x 2 threads.
+
+The machine is shared, so (a) and (b) are measured twice (best counts) and (c) in both layouts
+(faster counts): the ratios are conservative. CPU milliseconds per image are measured as well,
+which other users' load barely moves: ``process_time`` of the (a) and (c) processes; for (b),
+every process of this script (its private Ray instance, the actors, the driver), sampled. The
+CPU-based ratios compare CPU per image. A single-process timing breakdown of the stage's
+per-image work follows. ``--quick`` runs each measurement once, (c) in one layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import (REPO, CpuSampler, header, make_corpus, make_tiny_tokenizer, parser,
+                               private_ray, ratio_line, table, work_dir)
+
+log = logging.getLogger("benchmarks.pretokenize")
+
+SMOKE = REPO / "configs" / "pipelines" / "smoke.yaml"
+
+
+def _encode_worker(tokenizer: str, urls: list[str], threads: int, micro_batch: int, scratch: str,
+                   barrier: Any) -> tuple[float, float, float, dict[str, np.ndarray]]:
+    """(a): the stage's encode path on images decoded beforehand; returns (start, end, CPU
+    seconds, tokens by key)."""
+    import torch
+
+    from tokenflow.data.corpus import iter_shard
+    from tokenflow.data.decode import decode_image, preprocess
+    from tokenflow.data.shard_encoder import ShardEncoder
+
+    torch.set_num_threads(threads)
+    encoder = ShardEncoder(tokenizer, scratch, batch_size=micro_batch, micro_batch=micro_batch)
+    samples = [s for url in urls for s in iter_shard(url)]
+    images = torch.stack([preprocess(decode_image(s.image), encoder.model.cfg.image_size) for s in samples])
+    encoder.encode_images(images[:micro_batch])  # warm-up
+    barrier.wait()
+    start, cpu = time.monotonic(), time.process_time()
+    tokens = encoder.encode_images(images)
+    return (start, time.monotonic(), time.process_time() - cpu,
+            {s.key: t for s, t in zip(samples, tokens, strict=True)})
+
+
+def _per_image_worker(tokenizer: str, urls: list[str], threads: int, out_dir: str,
+                      barrier: Any) -> tuple[float, float, float, int]:
+    """(c): decode, encode one image at a time, one int64 .npy per image (LlamaGen-style);
+    returns (start, end, CPU seconds, images)."""
+    import torch
+
+    from tokenflow.data.corpus import iter_shard
+    from tokenflow.data.decode import decode_image, preprocess
+    from tokenflow.models.weights import load_tokenizer
+
+    torch.set_num_threads(threads)
+    model = load_tokenizer(tokenizer).eval()
+    size = model.cfg.image_size
+    model.encode(torch.zeros(1, 3, size, size))  # warm-up
+    out = Path(out_dir)
+    barrier.wait()
+    start, cpu, count = time.monotonic(), time.process_time(), 0
+    for url in urls:
+        for sample in iter_shard(url):
+            image = preprocess(decode_image(sample.image), size)
+            codes = model.encode(image[None])
+            np.save(out / f"{sample.key}.npy", codes.cpu().numpy().astype(np.int64))
+            count += 1
+    return start, time.monotonic(), time.process_time() - cpu, count
+
+
+def _parallel(pool: ProcessPoolExecutor, manager: Any, fn: Any, procs: int, threads: int, urls: list[str],
+              *args: Any) -> tuple[float, float, list[Any]]:
+    """Run ``fn`` on ``procs`` pool processes over round-robin shard groups, started together at
+    a barrier; returns (seconds from the first start to the last end, CPU seconds of all,
+    per-process results)."""
+    barrier = manager.Barrier(procs, timeout=600)
+    futures = [pool.submit(fn, args[0], urls[i::procs], threads, *args[1:], barrier) for i in range(procs)]
+    results = [f.result() for f in futures]
+    return max(r[1] for r in results) - min(r[0] for r in results), sum(r[2] for r in results), results
+
+
+def _stage_tokens(tokens_dir: Path) -> dict[str, np.ndarray]:
+    from tokenflow.data.token_shards import iter_token_samples
+
+    return {s.key: s.tokens for s in iter_token_samples(str(p) for p in sorted(tokens_dir.rglob("shards/*/*.parquet")))}
+
+
+def breakdown(tokenizer: str, urls: list[str], scratch: str, batch_size: int, micro_batch: int) -> list[list[Any]]:
+    """Where one actor's time goes: the stage's per-image work, one process, 1 thread."""
+    import torch
+
+    from tokenflow import storage
+    from tokenflow.data.corpus import iter_shard
+    from tokenflow.data.decode import decode_image, preprocess, sha256_hex
+    from tokenflow.data.manifest import ShardRecord
+    from tokenflow.data.shard_encoder import ShardEncoder, token_shard_url
+    from tokenflow.data.token_shards import build_token_table, parquet_bytes
+
+    torch.set_num_threads(1)
+    encoder = ShardEncoder(tokenizer, scratch, batch_size=batch_size, micro_batch=micro_batch)
+    size = encoder.model.cfg.image_size
+    encoder.encode_images(torch.zeros(micro_batch, 3, size, size))  # warm-up
+    cost = dict.fromkeys(["read tar", "decode + preprocess", "sha256", "encode", "Parquet build, zstd, write"], 0.0)
+    images = 0
+    for url in urls:
+        t0 = time.perf_counter()
+        samples = list(iter_shard(url))
+        t1 = time.perf_counter()
+        pixels = [preprocess(decode_image(s.image), size) for s in samples]
+        t2 = time.perf_counter()
+        digests = [sha256_hex(s.image) for s in samples]
+        t3 = time.perf_counter()
+        tokens = np.concatenate([encoder.encode_images(torch.stack(pixels[i : i + batch_size]))
+                                 for i in range(0, len(pixels), batch_size)])
+        t4 = time.perf_counter()
+        record = ShardRecord(url, Path(url).name, "webdataset", len(samples), 0, 0, "0" * 64)
+        table = build_token_table([s.key for s in samples], tokens, [s.caption for s in samples],
+                                  [s.json for s in samples], digests, encoder.info_for(record))
+        storage.write_bytes_atomic(token_shard_url(scratch, "breakdown", record.name), parquet_bytes(table))
+        t5 = time.perf_counter()
+        for k, dt in zip(cost, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            cost[k] += dt
+        images += len(samples)
+    total = sum(cost.values())
+    return [[k, 1000 * v / images, f"{100 * v / total:.1f}%"] for k, v in cost.items()] + \
+        [["total", 1000 * total / images, "100%"]]
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--images", type=int, default=3000)
+    p.add_argument("--shard-size", type=int, default=250)
+    args = p.parse_args()
+    if args.quick:
+        args.images, args.shard_size = 64, 16
+    header("Pre-tokenize throughput")
+
+    import ray
+
+    from tokenflow.config import load_config
+    from tokenflow.stages.pretokenize import run_pretokenize
+
+    cfg = load_config(SMOKE).pretokenize
+    ctx = mp.get_context("spawn")
+    with work_dir(args.work_dir) as work, ctx.Manager() as manager, \
+            ProcessPoolExecutor(2, mp_context=ctx) as pool, CpuSampler() as sampler:
+        manifest = make_corpus(work / "corpus", args.images, args.shard_size)
+        urls = [s["url"] for s in manifest["splits"]["train"]["shards"]]
+        tokenizer = str(make_tiny_tokenizer(work / "tokenizer.safetensors"))
+        n = manifest["splits"]["train"]["samples"]
+        print(f"corpus: {n} shapes images (64 px PNG) in {len(urls)} webdataset shards; tokenizer: "
+              f"tokenflow-tiny, randomly initialised (seed 0), 130 tokens/image, K=512; stage settings "
+              f"from {SMOKE.relative_to(REPO)}: batch_size {cfg.batch_size}, micro_batch {cfg.micro_batch}, "
+              f"{cfg.num_actors} actors x {cfg.cpus_per_actor:g} CPU, {cfg.compression}\n")
+        rows: list[list[Any]] = []
+        a_runs, b_runs, c_runs, cpu_rows = [], [], [], []
+        a_tokens: dict[str, np.ndarray] = {}
+
+        def record(name: str, setup: str, images: int, seconds: float, cpu: float | None, load: float) -> None:
+            rows.append([name, setup, images, seconds, images / seconds if images else "",
+                         1000 * cpu / images if images and cpu is not None else "", load])
+
+        def encode_only() -> None:
+            load = os.getloadavg()[0]
+            seconds, cpu, results = _parallel(pool, manager, _encode_worker, 2, 1, urls, tokenizer,
+                                              cfg.micro_batch, str(work))
+            record("(a) bare encode, images decoded beforehand", "2 proc x 1 thread", n, seconds, cpu, load)
+            a_runs.append((n / seconds, cpu / n))
+            a_tokens.update({k: v for r in results for k, v in r[3].items()})
+
+        def stage(run: str, out: Path, images: int) -> tuple[float, float, float]:
+            load = os.getloadavg()[0]
+            start, wall = time.time(), time.monotonic()
+            run_pretokenize(manifest, tokenizer, str(out), cfg)
+            seconds, end = time.monotonic() - wall, time.time()
+            cpu, actors = sampler.cpu(start, end), sampler.cpu(start, end, "MapWorker")
+            driver = sampler.cpu(start, end, pid=os.getpid())
+            record(f"(b) run_pretokenize, {run}", "2 actors x 1 CPU (1 thread)", images, seconds, cpu, load)
+            cpu_rows.append([run, seconds, cpu, actors, driver, cpu - actors - driver])
+            return seconds, cpu, actors
+
+        def per_image(procs: int, threads: int) -> None:
+            npy_dir = work / "npy"
+            shutil.rmtree(npy_dir, ignore_errors=True)
+            npy_dir.mkdir()
+            load = os.getloadavg()[0]
+            seconds, cpu, _ = _parallel(pool, manager, _per_image_worker, procs, threads, urls, tokenizer,
+                                        str(npy_dir))
+            record("(c) per-image loop, batch 1, int64 .npy", f"{procs} proc x {threads} thread", n, seconds,
+                   cpu, load)
+            c_runs.append((n / seconds, cpu / n))
+
+        encode_only()
+        with private_ray(num_cpus=2):
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            b_runs.append(stage("end to end, run 1", work / "tokens", n))
+            fixed = stage("run 1 again: every shard skipped (fixed cost)", work / "tokens", 0)
+            if not args.quick:
+                b_runs.append(stage("end to end, run 2", work / "tokens-2", n))
+        if not args.quick:
+            encode_only()
+        per_image(2, 1)
+        if not args.quick:
+            per_image(1, 2)
+        table(["run", "setup", "images", "seconds", "images/s", "CPU ms/image", "load avg (1 min) before"], rows)
+
+        print("Where (b)'s CPU goes (all processes of this script: the private Ray instance, its actors, the "
+              "driver):")
+        table(["(b) run", "wall s", "CPU s", "encoder actors CPU s", "driver CPU s",
+               "other processes CPU s (Ray services, idle pool)"], cpu_rows)
+
+        stage_tokens = _stage_tokens(work / "tokens")
+        same_a = len(a_tokens) == n and all(np.array_equal(stage_tokens[k], t) for k, t in a_tokens.items())
+        agree_c = np.mean([np.mean(np.load(work / "npy" / f"{k}.npy")[0] == t) for k, t in stage_tokens.items()])
+        print(f"check: stage tokens == (a) tokens: {same_a}; (c) batch-1 tokens equal to the stage's: "
+              f"{100 * agree_c:.2f}%\n")
+
+        shards = urls[: min(2, len(urls))]
+        print(f"Where one actor's time goes: the stage's per-image work, one process, 1 thread, "
+              f"{len(shards)} shards:")
+        table(["step", "ms/image", "share"],
+              pool.submit(breakdown, tokenizer, shards, str(work), cfg.batch_size, cfg.micro_batch).result())
+
+        a, a_cpu = max(a_runs)
+        c, c_cpu = max(c_runs)
+        b_seconds, b_cpu, b_actors = min(b_runs)
+        ratios = {"b/a": n / b_seconds / a, "b/c": n / b_seconds / c, "a/c": a / c,
+                  "b/a_cpu": a_cpu / (b_cpu / n), "b/c_cpu": c_cpu / (b_cpu / n)}
+        if b_seconds > fixed[0]:  # with tiny inputs (--quick) the fixed cost can exceed the whole run
+            ratios.update({"b_steady/a": n / (b_seconds - fixed[0]) / a,
+                           "b_steady/a_cpu": a_cpu / ((b_cpu - fixed[1]) / n)})
+        ratio_line(ratios)
+
+
+if __name__ == "__main__":
+    main()
