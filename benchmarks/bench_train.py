@@ -46,11 +46,13 @@ SMOKE = REPO / "configs" / "pipelines" / "smoke.yaml"
 
 class Loop(NamedTuple):
     """One measured training loop: per window of ``log_every`` steps, its wall seconds, the
-    loss/total at its end and the CPU seconds it used (None where not measured)."""
+    loss/total at its end, the CPU seconds of all its processes and of its training processes
+    alone (None where not measured)."""
 
     windows: list[float]
     losses: list[float]
     cpu: list[float | None]
+    trainer_cpu: list[float | None]
     wall: float
 
 
@@ -147,8 +149,11 @@ def run_loops(config: dict[str, Any], shards: list[dict[str, Any]], log_every: i
         futures = [pool.submit(loop_worker, rank, 2, port, config, shards, log_every) for rank in range(2)]
         ranks = [f.result() for f in futures]
     wall = time.monotonic() - start
-    return {engine: Loop(windows, losses, [sum(c) for c in zip(*(r[engine][2] for r in ranks))], wall)
-            for engine, (windows, losses, _) in ranks[0].items()}
+    loops = {}
+    for engine, (windows, losses, _) in ranks[0].items():
+        cpu = [sum(c) for c in zip(*(r[engine][2] for r in ranks))]
+        loops[engine] = Loop(windows, losses, cpu, cpu, wall)
+    return loops
 
 
 def run_stage(cfg: Any, manifest: dict[str, Any], out: Path) -> Loop:
@@ -171,8 +176,9 @@ def run_stage(cfg: Any, manifest: dict[str, Any], out: Path) -> Loop:
     rates = history("samples_per_s")
     logged = [m.timestamp / 1000 for m in rates]  # when rank 0 logged each window (after its all-reduces)
     cpu = [None] + [sampler.cpu(a, b) for a, b in zip(logged, logged[1:])]
+    workers = [None] + [sampler.cpu(a, b, "RayTrainWorker") for a, b in zip(logged, logged[1:])]
     return Loop([per_step * t.log_every / m.value for m in rates], [m.value for m in history("loss/total")], cpu,
-                wall)
+                workers, wall)
 
 
 def main() -> None:
@@ -219,10 +225,11 @@ def main() -> None:
             fastest.append(min(loop.windows[1:]) / args.log_every)
             cpu.append(statistics.median(loop.cpu[1:]) / args.log_every)
             rows.append([name, setup, median[-1], fastest[-1], per_step / median[-1], cpu[-1],
+                         statistics.median(loop.trainer_cpu[1:]) / args.log_every,
                          " ".join(f"{w:.1f}" for w in loop.windows), wall, load])
         table(["loop", "setup", "median step (s)", "fastest window step (s)", "images/s (median)",
-               "CPU s/step (median, both ranks)", "windows (s)", "wall incl. start-up (s)",
-               "load avg (1 min) before"], rows)
+               "CPU s/step, all processes", "CPU s/step, the 2 training processes", "windows (s)",
+               "wall incl. start-up (s)", "load avg (1 min) before"], rows)
         print("check: loss/total at the end of each window, stage / plain / DeepSpeed without Ray:\n  " +
               "\n  ".join(" / ".join(f"{v:.5f}" for v in values) for values in zip(*(r[2].losses for r in runs)))
               + "\n")
