@@ -59,8 +59,9 @@ def _cmd(corpus: Path, out: Path, overrides: list[str]) -> list[str]:
 
 def test_zero3_two_workers_train_and_log_everything_promised(ray_local, corpus, tmp_path):
     out = tmp_path / "zero3"
+    # Its own store: earlier tests' mlflow.set_tracking_uri leaves MLFLOW_TRACKING_URI in this process.
     cfg = load_config(TINY, [*FAST, "train_tokenizer.steps=4", "train_tokenizer.checkpoint_every=4",
-                             "train_tokenizer.deepspeed=zero3"])
+                             "train_tokenizer.deepspeed=zero3", f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}"])
     manifest = run_train_tokenizer(cfg, _manifest(corpus), str(out))
     assert (out / "tokenizer.safetensors").stat().st_size == manifest["tokenizer"]["bytes"]
 
