@@ -105,7 +105,8 @@ def _parallel(pool: ProcessPoolExecutor, manager: Any, fn: Any, procs: int, thre
 def _stage_tokens(tokens_dir: Path) -> dict[str, np.ndarray]:
     from tokenflow.data.token_shards import iter_token_samples
 
-    return {s.key: s.tokens for s in iter_token_samples(str(p) for p in sorted(tokens_dir.rglob("shards/*/*.parquet")))}
+    shards = sorted(tokens_dir.glob("shards/*/*.parquet"))
+    return {s.key: s.tokens for s in iter_token_samples(str(p) for p in shards)}
 
 
 def breakdown(tokenizer: str, urls: list[str], scratch: str, batch_size: int, micro_batch: int) -> list[list[Any]]:

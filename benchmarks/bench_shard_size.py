@@ -87,9 +87,9 @@ def measure_real(tokens_dir: Path, scratch: Path) -> list[Any]:
     shards = sorted(tokens_dir.glob("shards/*/*.parquet"))
     info = read_shard_info(str(shards[0]))
     tokens = np.stack([s.tokens for s in iter_token_samples(str(p) for p in shards)])
-    return _row(f"tiny, real tokens: stage output ({len(shards)} files)", len(tokens), info.num_tokens, info.codebook_size,
-                sum(p.stat().st_size for p in shards), sum(_tokens_column_bytes(p) for p in shards),
-                _npy_sizes(tokens, scratch))
+    return _row(f"tiny, real tokens: stage output ({len(shards)} files)", len(tokens), info.num_tokens,
+                info.codebook_size, sum(p.stat().st_size for p in shards),
+                sum(_tokens_column_bytes(p) for p in shards), _npy_sizes(tokens, scratch))
 
 
 def measure_random(name: str, rows: int, scales: tuple[int, ...], codebook: int, scratch: Path) -> list[Any]:

@@ -1,7 +1,7 @@
 """The benchmark scripts still run: `benchmarks/run_all.sh --quick` (tiny inputs, private Ray).
 
-Mostly process start-up (Ray, Ray Train, DeepSpeed, open_clip imports in every worker): about
-3 minutes on an idle 2-core machine, hence ``slow`` (still part of the default suite).
+Mostly process start-up (Ray, Ray Train, DeepSpeed, open_clip imports in every worker): 2 minutes
+on an idle 2-core machine, 5 at load average 6, hence ``slow`` (still part of the default suite).
 """
 
 from __future__ import annotations
