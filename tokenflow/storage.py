@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import uuid
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -27,6 +31,33 @@ def join(url: str, *parts: str) -> str:
 
 def basename(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+CACHE_ROOT = "/tmp/tokenflow-cache"
+
+
+def local_path(url: str, cache_root: str | Path = CACHE_ROOT) -> Path:
+    """A local path for a file or (small) directory URL: itself when local, else a copy
+    downloaded once per node under ``cache_root``, keyed by the URL and renamed into place whole
+    (an interrupted download never looks complete)."""
+    fs, path = filesystem(url)
+    if is_local(url):
+        return Path(path)
+    target = Path(cache_root) / hashlib.sha256(url.encode()).hexdigest()[:16] / basename(url)
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+        if fs.isdir(path):
+            fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
+        else:
+            fs.get(path, str(tmp))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process on this node finished first
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            if not target.exists():
+                raise
+    return target
 
 
 def exists(url: str) -> bool:

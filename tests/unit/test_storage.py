@@ -16,3 +16,22 @@ def test_atomic_write_and_stale_temp_cleanup(tmp_path):
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b.json"]
     storage.write_bytes_atomic("memory://t/x.bin", b"abc")
     assert storage.read_bytes("memory://t/x.bin") == b"abc"
+
+
+def test_local_path_downloads_files_and_directories_once_per_url(tmp_path):
+    from tokenflow import storage
+
+    storage.write_bytes_atomic("memory://lp/a/model.bin", b"weights")
+    storage.write_bytes_atomic("memory://lp/b/model.bin", b"other")
+    storage.write_bytes_atomic("memory://lp/tok/tokenizer.json", b"{}")
+    storage.write_bytes_atomic("memory://lp/tok/special.json", b"[]")
+    a = storage.local_path("memory://lp/a/model.bin", tmp_path)
+    b = storage.local_path("memory://lp/b/model.bin", tmp_path)
+    assert a != b and a.read_bytes() == b"weights" and b.read_bytes() == b"other"  # same basename, no clash
+    assert storage.local_path("memory://lp/a/model.bin", tmp_path) == a
+    tok = storage.local_path("memory://lp/tok", tmp_path)
+    assert sorted(p.name for p in tok.iterdir()) == ["special.json", "tokenizer.json"]
+    assert not list(tmp_path.rglob(".*.tmp"))
+    local = tmp_path / "here.bin"
+    local.write_bytes(b"x")
+    assert storage.local_path(str(local), tmp_path / "cache") == local

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -49,18 +48,6 @@ def encoding_hash(tokenizer_digest: str, micro_batch: int) -> str:
                         "preprocess": PREPROCESS_VERSION})
 
 
-def local_copy(url: str, cache_dir: str | Path) -> Path:
-    """A local path for ``url``: itself when local, else a copy downloaded into ``cache_dir``."""
-    fs, path = storage.filesystem(url)
-    if storage.is_local(url):
-        return Path(path)
-    target = Path(cache_dir) / storage.basename(url)
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fs.get(path, str(target))
-    return target
-
-
 @dataclass(frozen=True)
 class ShardResult:
     """Outcome of one corpus shard."""
@@ -78,8 +65,8 @@ class ShardEncoder:
 
     def __init__(self, tokenizer_url: str, out_url: str, batch_size: int, micro_batch: int,
                  device: str = "cpu", max_pixels: int = 64_000_000, compression: str = "zstd",
-                 allow_tf32: bool = False, cache_dir: str = "/tmp/tokenflow-cache"):
-        path = local_copy(tokenizer_url, cache_dir)
+                 allow_tf32: bool = False, cache_dir: str = storage.CACHE_ROOT):
+        path = storage.local_path(tokenizer_url, cache_dir)
         self.tokenizer_digest = file_sha256(path)
         model = load_tokenizer(path, map_location=device)
         model.teacher = None  # inference only

@@ -8,7 +8,6 @@ is the tokenizer training used, saved with ``save_pretrained``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -36,22 +35,8 @@ def save_text_tokenizer(tok: PreTrainedTokenizerBase, url: str) -> None:
             storage.write_bytes_atomic(storage.join(url, path.name), path.read_bytes())
 
 
-def local_directory(url: str, cache_root: str = "/tmp/tokenflow-cache") -> Path:
-    """A local copy of a (small) directory URL; the directory itself when local."""
-    fs, path = storage.filesystem(url)
-    if storage.is_local(url):
-        return Path(path)
-    target = Path(cache_root) / hashlib.sha256(url.encode()).hexdigest()[:16]
-    if not target.exists():
-        tmp = Path(tempfile.mkdtemp(dir=cache_root if Path(cache_root).exists() else None))
-        fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(target)
-    return target
-
-
 def load_text_tokenizer_dir(url: str) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(str(local_directory(url)))
+    return AutoTokenizer.from_pretrained(str(storage.local_path(url)))
 
 
 def save_llm(state: dict[str, torch.Tensor], meta: dict[str, Any], url: str) -> None:

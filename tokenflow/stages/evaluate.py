@@ -38,7 +38,6 @@ from tokenflow.eval.shapes_mme import write_shapes_mme
 from tokenflow.models.llm_weights import WEIGHTS_NAME, load_generator, load_understanding
 from tokenflow.models.tokenizer import TokenFlowTokenizer
 from tokenflow.models.weights import file_sha256, load_tokenizer
-from tokenflow.train.llm_common import cached_file
 from tokenflow.viz import save_image_grid
 from tokenflow.workflow.tracking import start_stage_run
 
@@ -117,7 +116,7 @@ def _device(setting: str) -> torch.device:
 
 def _tokenizer(tokenizer_url: str, device: torch.device) -> tuple[TokenFlowTokenizer, str]:
     """The tokenizer export on ``device`` and its sha256."""
-    path = cached_file(tokenizer_url)
+    path = storage.local_path(tokenizer_url)
     return load_tokenizer(path, device).eval(), file_sha256(path)
 
 

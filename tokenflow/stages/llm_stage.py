@@ -18,7 +18,6 @@ from tokenflow.data.token_shards import MANIFEST_NAME, TokenShardError, iter_tok
 from tokenflow.models.llm_weights import TEXT_TOKENIZER_DIR, WEIGHTS_NAME, save_text_tokenizer
 from tokenflow.models.text import load_text_tokenizer, train_bpe
 from tokenflow.models.weights import file_sha256
-from tokenflow.train.llm_common import cached_file
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ def token_shard_urls(token_manifest: dict[str, Any], token_url: str, split: str)
 
 def check_tokenizer(token_manifest: dict[str, Any], tokenizer_url: str) -> str:
     """The tokenizer export's sha256, after checking it made these token shards."""
-    digest = file_sha256(cached_file(tokenizer_url))
+    digest = file_sha256(storage.local_path(tokenizer_url))
     if token_manifest["inputs"]["tokenizer"] != digest:
         raise TokenShardError(f"{tokenizer_url} (sha256 {digest[:12]}) did not make these token shards "
                               f"(made by {token_manifest['inputs']['tokenizer'][:12]})")

@@ -95,10 +95,9 @@ def run_pretokenize(corpus_manifest: dict[str, Any], tokenizer_url: str, out_url
 def finalize(corpus_manifest: dict[str, Any], out_url: str, tokenizer_url: str,
              cfg: PretokenizeConfig) -> dict[str, Any]:
     """Reconcile every shard with the corpus, merge the quarantine, write the manifest last."""
-    from tokenflow.data.shard_encoder import local_copy
     from tokenflow.models.weights import file_sha256
 
-    tokenizer_digest = file_sha256(local_copy(tokenizer_url, "/tmp/tokenflow-cache"))
+    tokenizer_digest = file_sha256(storage.local_path(tokenizer_url))
     splits: dict[str, Any] = {}
     quarantine_tables = []
     first_info = None

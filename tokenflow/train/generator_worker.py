@@ -24,7 +24,7 @@ from tokenflow.models.sampling import sample_tokens
 from tokenflow.models.text import IMAGE_END, IMAGE_START, encode_text
 from tokenflow.train.engines import init_distributed, worker_device
 from tokenflow.train.harness import Tracker, all_reduce_mean, report_checkpoint, restore, seed_for
-from tokenflow.train.llm_common import (cached_file, engine_for, example_stream, export_llm, first_examples,
+from tokenflow.train.llm_common import (engine_for, example_stream, export_llm, first_examples,
                                         load_codebook, special_id)
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def _log_samples(model: NextScaleGenerator, prompts: _Prompts, captions: list[st
     from tokenflow.models.weights import load_tokenizer
     from tokenflow.viz import save_image_grid
 
-    images = load_tokenizer(cached_file(tokenizer_url)).decode_indices(tokens.cpu())
+    images = load_tokenizer(storage.local_path(tokenizer_url)).decode_indices(tokens.cpu())
     with tempfile.TemporaryDirectory() as tmp:
         grid = save_image_grid(Path(tmp) / f"samples_step{step:07d}.png", [img[None] for img in images],
                                [c[:48] for c in captions], scale=2)

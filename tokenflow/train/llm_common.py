@@ -3,16 +3,14 @@ token shards, the optimizer/engine, and the inference export."""
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tokenflow import storage
 from tokenflow.config import TrainingConfig
-from tokenflow.data.shard_encoder import local_copy
 from tokenflow.data.token_shards import TokenSample, iter_token_samples
 from tokenflow.models.llm_weights import save_llm
 from tokenflow.models.quantizer import CodebookFeatures
@@ -23,16 +21,11 @@ from tokenflow.train.sharded_stream import ShardedStream
 E = TypeVar("E")
 
 
-def cached_file(url: str) -> Path:
-    """A local path for a file URL (downloaded once per node into a per-URL cache)."""
-    return local_copy(url, f"/tmp/tokenflow-cache/{hashlib.sha256(url.encode()).hexdigest()[:16]}")
-
-
 def load_codebook(tokenizer_url: str) -> CodebookFeatures:
     """The frozen code vectors of a trained tokenizer export."""
     from tokenflow.models.weights import load_tokenizer
 
-    return CodebookFeatures.from_quantizer(load_tokenizer(cached_file(tokenizer_url)).quantizer)
+    return CodebookFeatures.from_quantizer(load_tokenizer(storage.local_path(tokenizer_url)).quantizer)
 
 
 def example_stream(urls: list[str], expand: Callable[[TokenSample], list[E]], rank: int, world: int,
