@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -118,6 +118,17 @@ def _tokenizer(tokenizer_url: str, device: torch.device) -> tuple[TokenFlowToken
     """The tokenizer export on ``device`` and its sha256."""
     path = storage.local_path(tokenizer_url)
     return load_tokenizer(path, device).eval(), file_sha256(path)
+
+
+def _model_under_test(cfg: TokenFlowConfig, tokenizer_url: str, model_dir: str, load: Callable[[str], tuple]):
+    """(device, tokenizer, its digest, the exported LLM model, its text tokenizer, the untrained
+    baseline of the same architecture), after checking the model reads this tokenizer's codes."""
+    device = _device(cfg.eval.device)
+    tokenizer, tokenizer_digest = _tokenizer(tokenizer_url, device)
+    model, tok = load(model_dir)
+    model.to(device)
+    check_codebook(model.codebook, tokenizer, model_dir)
+    return device, tokenizer, tokenizer_digest, model, tok, untrained_like(model, cfg.eval.seed)
 
 
 def _with_baseline(metrics: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
@@ -261,12 +272,8 @@ def run_eval_generation(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any], g
     g, t = cfg.eval.generation, cfg.train_generator
     if t is None:
         raise ConfigError("eval_generation needs the train_generator section (prompt length, sampling)")
-    device = _device(cfg.eval.device)
-    tokenizer, tokenizer_digest = _tokenizer(tokenizer_url, device)
-    model, tok = load_generator(generator_dir)
-    model.to(device)
-    check_codebook(model.codebook, tokenizer, generator_dir)
-    baseline = untrained_like(model, cfg.eval.seed)
+    device, tokenizer, tokenizer_digest, model, tok, baseline = _model_under_test(
+        cfg, tokenizer_url, generator_dir, load_generator)
 
     prompts_url = storage.join(out_url, PROMPTS_NAME)
     inputs = {"tokenizer": tokenizer_digest, "generator": file_digest(storage.join(generator_dir, WEIGHTS_NAME))[1]}
@@ -323,12 +330,8 @@ def run_eval_understanding(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any]
     if t is None:
         raise ConfigError("eval_understanding needs the train_understanding section (prompt length, "
                           "max_new_tokens)")
-    device = _device(cfg.eval.device)
-    tokenizer, tokenizer_digest = _tokenizer(tokenizer_url, device)
-    model, tok = load_understanding(understanding_dir)
-    model.to(device)
-    check_codebook(model.codebook, tokenizer, understanding_dir)
-    baseline = untrained_like(model, cfg.eval.seed)
+    device, tokenizer, tokenizer_digest, model, tok, baseline = _model_under_test(
+        cfg, tokenizer_url, understanding_dir, load_understanding)
 
     inputs = {"tokenizer": tokenizer_digest,
               "understanding": file_digest(storage.join(understanding_dir, WEIGHTS_NAME))[1]}

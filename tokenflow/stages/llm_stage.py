@@ -1,25 +1,30 @@
-"""Driver-side parts both LLM stages share: token shard URLs, the tokenizer check, the text
-tokenizer, the unigram baseline and the stage manifest."""
+"""Driver-side parts both LLM stages share: inputs and checks, the MLflow run, the text
+tokenizer, the workers' common job fields, the unigram baseline and the stage manifest."""
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from tokenflow import storage
-from tokenflow.config import LanguageModelConfig
+from tokenflow.config import ConfigError, LanguageModelConfig, TokenFlowConfig
 from tokenflow.data.examples import training_texts
-from tokenflow.data.manifest import file_digest
+from tokenflow.data.manifest import file_digest, manifest_digest
 from tokenflow.data.token_shards import MANIFEST_NAME, TokenShardError, iter_token_samples
 from tokenflow.models.llm_weights import TEXT_TOKENIZER_DIR, WEIGHTS_NAME, save_text_tokenizer
 from tokenflow.models.text import load_text_tokenizer, train_bpe
 from tokenflow.models.weights import file_sha256
+from tokenflow.stages.training import resolve_use_gpu
+from tokenflow.workflow.tracking import start_stage_run
 
 log = logging.getLogger(__name__)
+
+EXPORT_DIR = "model"
 
 
 def token_shard_urls(token_manifest: dict[str, Any], token_url: str, split: str) -> list[str]:
@@ -59,17 +64,54 @@ def unigram_entropy(urls: list[str], codebook_size: int) -> float:
     return float(-(p * np.log(p)).sum()) if p.size else math.nan
 
 
-def finish_llm_stage(run_id: str, out_url: str, export_dir: str, steps: int, config_hash: str,
-                     inputs: dict[str, str], kind: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class LLMStageStart:
+    """What :func:`start_llm_stage` prepared: the workers' common job fields and the run."""
+
+    job: dict[str, Any]
+    run_id: str
+    config_hash: str
+    inputs: dict[str, str]  # input name -> digest
+
+
+def start_llm_stage(cfg: TokenFlowConfig, stage: str, token_manifest: dict[str, Any], token_url: str,
+                    tokenizer_url: str, out_url: str, parent_run_id: str | None) -> LLMStageStart:
+    """Check the inputs, open (or reopen) the stage's MLflow run, prepare the text tokenizer in
+    the export directory, and assemble the job fields every LLM worker reads."""
+    t = getattr(cfg, stage)
+    if t is None:
+        raise ConfigError(f"the config has no {stage} section")
+    inputs = {"token_manifest": manifest_digest(token_manifest),
+              "tokenizer": check_tokenizer(token_manifest, tokenizer_url)}
+    tracking_uri, run_id, params = start_stage_run(cfg, stage, {stage}, out_url, inputs, parent_run_id)
+    train_urls = token_shard_urls(token_manifest, token_url, "train")
+    export_dir = storage.join(out_url, EXPORT_DIR)
+    text_tokenizer_url = storage.join(export_dir, TEXT_TOKENIZER_DIR)
+    prepare_text_tokenizer(t.language_model, train_urls, text_tokenizer_url)
+    job = {
+        "config": cfg.model_dump(mode="json"),
+        "train_urls": train_urls,
+        "heldout_urls": token_shard_urls(token_manifest, token_url, "heldout"),
+        "tokenizer_url": tokenizer_url,
+        "text_tokenizer_url": text_tokenizer_url,
+        "use_gpu": resolve_use_gpu(t.use_gpu),
+        "tracking_uri": tracking_uri,
+        "mlflow_run_id": run_id,
+        "export_dir": export_dir,
+    }
+    return LLMStageStart(job, run_id, params["config_hash"], inputs)
+
+
+def finish_llm_stage(start: LLMStageStart, out_url: str, steps: int, kind: str) -> dict[str, Any]:
     """Tag the export's digest on the run, write the stage manifest last, close the run."""
     import mlflow
 
-    size, sha = file_digest(storage.join(out_url, export_dir, WEIGHTS_NAME))
+    size, sha = file_digest(storage.join(out_url, EXPORT_DIR, WEIGHTS_NAME))
     client = mlflow.MlflowClient()
-    client.set_tag(run_id, "tokenflow.model_sha256", sha)
-    manifest = {"kind": kind, "model": {"path": f"{export_dir}/{WEIGHTS_NAME}", "bytes": size, "sha256": sha},
-                "text_tokenizer": f"{export_dir}/{TEXT_TOKENIZER_DIR}", "steps": steps,
-                "config_hash": config_hash, "inputs": inputs, "mlflow_run_id": run_id}
+    client.set_tag(start.run_id, "tokenflow.model_sha256", sha)
+    manifest = {"kind": kind, "model": {"path": f"{EXPORT_DIR}/{WEIGHTS_NAME}", "bytes": size, "sha256": sha},
+                "text_tokenizer": f"{EXPORT_DIR}/{TEXT_TOKENIZER_DIR}", "steps": steps,
+                "config_hash": start.config_hash, "inputs": start.inputs, "mlflow_run_id": start.run_id}
     storage.write_json_atomic(storage.join(out_url, MANIFEST_NAME), manifest)
-    client.set_terminated(run_id, "FINISHED")
+    client.set_terminated(start.run_id, "FINISHED")
     return manifest

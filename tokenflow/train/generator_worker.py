@@ -18,14 +18,13 @@ from tokenflow import storage
 from tokenflow.config import TokenFlowConfig, TrainGeneratorConfig
 from tokenflow.data.examples import GenerationExample, generation_example
 from tokenflow.models.generator import NextScaleGenerator, TextBatch, left_pad
-from tokenflow.models.language_model import build_language_model
-from tokenflow.models.llm_weights import WEIGHTS_NAME, load_text_tokenizer_dir
+from tokenflow.models.llm_weights import WEIGHTS_NAME
 from tokenflow.models.sampling import sample_tokens
 from tokenflow.models.text import IMAGE_END, IMAGE_START, encode_text
-from tokenflow.train.engines import init_distributed, worker_device
-from tokenflow.train.harness import Tracker, all_reduce_mean, report_checkpoint, restore, seed_for
-from tokenflow.train.llm_common import (engine_for, example_stream, export_llm, first_examples,
-                                        load_codebook, special_id)
+from tokenflow.train.harness import (Tracker, all_reduce_mean, join_worker_group, report_checkpoint, restore,
+                                     seed_for)
+from tokenflow.train.llm_common import (engine_for, example_stream, export_llm, first_examples, load_llm_parts,
+                                        special_id)
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +52,11 @@ class _Prompts:
 
 def train_generator_worker(job: dict[str, Any]) -> None:
     """Train loop for one Ray Train worker; ``job`` is built by the stage driver."""
-    import ray.train
-
     cfg = TokenFlowConfig.model_validate(job["config"])
     t = cfg.train_generator
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = worker_device(job["use_gpu"])
-    init_distributed(device)
+    rank, world, device = join_worker_group(job["use_gpu"])
 
-    tok = load_text_tokenizer_dir(job["text_tokenizer_url"])
-    codebook = load_codebook(job["tokenizer_url"])
-    torch.manual_seed(t.seed)  # identical initial weights on every rank
-    lm = build_language_model(t.language_model, len(tok))
+    tok, codebook, lm = load_llm_parts(job, t)
     model = NextScaleGenerator(lm, codebook, special_id(tok, IMAGE_START), special_id(tok, IMAGE_END)).to(device)
     engine = engine_for(model, t, [{"params": [p for p in model.parameters() if p.requires_grad]}])
     prompts = _Prompts(tok, t.language_model.max_text_tokens)

@@ -19,6 +19,18 @@ from tokenflow.train.checkpoint import load_checkpoint, save_checkpoint
 log = logging.getLogger(__name__)
 
 
+def join_worker_group(use_gpu: bool) -> tuple[int, int, torch.device]:
+    """This Ray Train worker's (rank, world size, device), with torch.distributed joined."""
+    import ray.train
+
+    from tokenflow.train.engines import init_distributed, worker_device
+
+    ctx = ray.train.get_context()
+    device = worker_device(use_gpu)
+    init_distributed(device)
+    return ctx.get_world_rank(), ctx.get_world_size(), device
+
+
 def seed_for(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (stable across processes, unlike str hashes)."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)

@@ -10,9 +10,10 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokenflow import storage
-from tokenflow.config import TrainingConfig
+from tokenflow.config import TrainGeneratorConfig, TrainingConfig, TrainUnderstandingConfig
 from tokenflow.data.token_shards import TokenSample, iter_token_samples
-from tokenflow.models.llm_weights import save_llm
+from tokenflow.models.language_model import build_language_model
+from tokenflow.models.llm_weights import load_text_tokenizer_dir, save_llm
 from tokenflow.models.quantizer import CodebookFeatures
 from tokenflow.train.engines import deepspeed_config, make_engine
 from tokenflow.train.harness import gathered_state_dict
@@ -26,6 +27,16 @@ def load_codebook(tokenizer_url: str) -> CodebookFeatures:
     from tokenflow.models.weights import load_tokenizer
 
     return CodebookFeatures.from_quantizer(load_tokenizer(storage.local_path(tokenizer_url)).quantizer)
+
+
+def load_llm_parts(job: dict[str, Any], t: TrainGeneratorConfig | TrainUnderstandingConfig
+                   ) -> tuple[PreTrainedTokenizerBase, CodebookFeatures, PreTrainedModel]:
+    """The stage's text tokenizer, the frozen codebooks and the LM, built from ``t.seed`` so every
+    rank (and every phase of a stage) starts from identical weights."""
+    tok = load_text_tokenizer_dir(job["text_tokenizer_url"])
+    codebook = load_codebook(job["tokenizer_url"])
+    torch.manual_seed(t.seed)
+    return tok, codebook, build_language_model(t.language_model, len(tok))
 
 
 def example_stream(urls: list[str], expand: Callable[[TokenSample], list[E]], rank: int, world: int,

@@ -26,8 +26,9 @@ from tokenflow.models.codebook_usage import usage_and_perplexity
 from tokenflow.models.discriminator import PatchDiscriminator
 from tokenflow.models.losses import TokenizerLoss
 from tokenflow.models.tokenizer import TokenFlowTokenizer
-from tokenflow.train.engines import deepspeed_config, init_distributed, make_engine, worker_device
-from tokenflow.train.harness import Tracker, all_reduce_mean, report_checkpoint, restore, seed_for
+from tokenflow.train.engines import deepspeed_config, make_engine
+from tokenflow.train.harness import (Tracker, all_reduce_mean, join_worker_group, report_checkpoint, restore,
+                                     seed_for)
 from tokenflow.train.image_stream import ImageStream, QuarantinedSample
 
 log = logging.getLogger(__name__)
@@ -60,16 +61,11 @@ def _global_usage(model: TokenFlowTokenizer) -> tuple[float, float]:
 
 def train_tokenizer_worker(job: dict[str, Any]) -> None:
     """Train loop for one Ray Train worker; ``job`` is built by the stage driver."""
-    import ray.train
-
     from tokenflow.viz import save_image_grid
 
     cfg = TokenFlowConfig.model_validate(job["config"])
     t, tok = cfg.train_tokenizer, cfg.tokenizer
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = worker_device(job["use_gpu"])
-    init_distributed(device)
+    rank, world, device = join_worker_group(job["use_gpu"])
     torch.manual_seed(t.seed)  # identical initial weights on every rank
 
     model = TokenFlowTokenizer(tok).to(device)

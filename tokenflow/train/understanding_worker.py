@@ -17,12 +17,10 @@ import torch
 from tokenflow import storage
 from tokenflow.config import TokenFlowConfig
 from tokenflow.data.examples import ChatExample, caption_examples, conversation_examples, yes_no_turns
-from tokenflow.models.language_model import build_language_model
-from tokenflow.models.llm_weights import WEIGHTS_NAME, load_text_tokenizer_dir, read_weights
+from tokenflow.models.llm_weights import WEIGHTS_NAME, read_weights
 from tokenflow.models.understanding import UnderstandingModel, chat_batch
-from tokenflow.train.engines import init_distributed, worker_device
-from tokenflow.train.harness import Tracker, all_reduce_mean, report_checkpoint, restore
-from tokenflow.train.llm_common import engine_for, example_stream, export_llm, first_examples, load_codebook
+from tokenflow.train.harness import Tracker, all_reduce_mean, join_worker_group, report_checkpoint, restore
+from tokenflow.train.llm_common import engine_for, example_stream, export_llm, first_examples, load_llm_parts
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +55,13 @@ def yes_no_accuracy(model: UnderstandingModel, tok, probes: list[tuple[Any, str,
 
 def train_understanding_worker(job: dict[str, Any]) -> None:
     """Train loop for one Ray Train worker and one phase (``job["phase"]``)."""
-    import ray.train
-
     cfg = TokenFlowConfig.model_validate(job["config"])
     t = cfg.train_understanding
     align = job["phase"] == "align"
     steps, lr = (t.align_steps, t.align_lr) if align else (t.steps, t.lr)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = worker_device(job["use_gpu"])
-    init_distributed(device)
+    rank, world, device = join_worker_group(job["use_gpu"])
 
-    tok = load_text_tokenizer_dir(job["text_tokenizer_url"])
-    codebook = load_codebook(job["tokenizer_url"])
-    torch.manual_seed(t.seed)  # identical initial weights on every rank and in both phases
-    lm = build_language_model(t.language_model, len(tok))
+    tok, codebook, lm = load_llm_parts(job, t)
     model = UnderstandingModel(lm, codebook, tok.bos_token_id)
     if align:
         lm.requires_grad_(False)
