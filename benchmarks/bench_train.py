@@ -3,8 +3,8 @@
     python -m benchmarks.bench_train [--quick] [--steps 70] [--log-every 10] [--work-dir DIR]
 
 Same model (tiny tokenizer with its frozen teacher, seed 0), loss (``TokenizerLoss``), optimiser
-(Adam, lr and betas from the smoke config, gradient clipping 1.0), data (the same ``ImageStream``
-per rank) and batch (micro-batch 8 per worker, 2 workers) on the shapes corpus:
+(Adam, the smoke config's lr held constant and its betas, gradient clipping 1.0), data (the same
+``ImageStream`` per rank) and batch (micro-batch 8 per worker, 2 workers) on the shapes corpus:
 
 - stage: ``run_train_tokenizer`` with ``configs/pipelines/smoke.yaml`` (2 Ray Train workers x
   1 CPU, so OMP_NUM_THREADS=1, ZeRO-2 fp32, gloo). Step time per window of ``--log-every`` steps
@@ -193,8 +193,10 @@ def main() -> None:
 
     from tokenflow.config import load_config
 
+    # Constant lr (no schedule) in every loop, so the three compute the same steps.
     overrides = [f"train_tokenizer.steps={args.steps}", f"train_tokenizer.log_every={args.log_every}",
-                 f"train_tokenizer.checkpoint_every={args.steps}", f"train_tokenizer.image_every={args.steps}"]
+                 f"train_tokenizer.checkpoint_every={args.steps}", f"train_tokenizer.image_every={args.steps}",
+                 "train_tokenizer.lr_schedule.warmup_steps=0", "train_tokenizer.lr_schedule.decay=constant"]
     if micro:
         overrides += [f"train_tokenizer.micro_batch_size={micro}", "train_tokenizer.heldout_images=2"]
     cfg = load_config(SMOKE, overrides)

@@ -291,6 +291,15 @@ class AugmentConfig(StrictModel):
     min_scale: float = Field(0.8, gt=0.0, le=1.0)
 
 
+class LRScheduleConfig(StrictModel):
+    """Learning-rate multiplier over optimizer steps: linear warmup from 0, then ``decay`` to
+    ``min_lr_ratio * lr`` at the last step (``constant`` keeps ``lr``)."""
+
+    warmup_steps: int = Field(0, ge=0)
+    decay: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+
+
 class TrainingConfig(StrictModel):
     """What every DeepSpeed-on-Ray-Train stage shares: schedule, optimizer, workers, checkpoints."""
 
@@ -298,6 +307,7 @@ class TrainingConfig(StrictModel):
     micro_batch_size: int = Field(8, gt=0, description="Samples per worker per micro-step.")
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(1e-4, gt=0)
+    lr_schedule: LRScheduleConfig = LRScheduleConfig()
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, gt=0)
@@ -308,6 +318,13 @@ class TrainingConfig(StrictModel):
     deepspeed: str = Field("zero2", description="Name under configs/deepspeed/ or a file path.")
     checkpoint_every: int = Field(200, gt=0)
     log_every: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _warmup_within_steps(self) -> "TrainingConfig":
+        if self.lr_schedule.warmup_steps >= self.steps:
+            raise ValueError(f"lr_schedule.warmup_steps ({self.lr_schedule.warmup_steps}) must be below "
+                             f"steps ({self.steps})")
+        return self
 
     @model_validator(mode="after")
     def _deepspeed_readable(self) -> "TrainingConfig":
@@ -388,11 +405,21 @@ class TrainUnderstandingConfig(TrainingConfig):
     align_steps: int = Field(200, ge=0, description="Stage 1 (projector only, captions); "
                              "``steps`` is stage 2 (everything, conversations).")
     align_lr: float = Field(1e-3, gt=0)
+    align_trains: Literal["projector", "all"] = Field(
+        "projector", description="projector: LLaVA stage 1, the (pretrained) LM frozen; all: the LM "
+        "trains on the captions too (an LM built from scratch must first learn to read images).")
     split_turns: bool = Field(False, description="Each question/answer turn of a conversation "
                               "becomes its own sample (independent yes/no pairs).")
     eval_every: int = Field(200, gt=0)
     heldout_questions: int = Field(200, gt=0)
     max_new_tokens: int = Field(8, gt=0)
+
+    @model_validator(mode="after")
+    def _warmup_within_align(self) -> "TrainUnderstandingConfig":
+        if 0 < self.align_steps <= self.lr_schedule.warmup_steps:
+            raise ValueError(f"lr_schedule.warmup_steps ({self.lr_schedule.warmup_steps}) must be below "
+                             f"align_steps ({self.align_steps}): the schedule runs once per phase")
+        return self
 
 
 class FIDConfig(StrictModel):

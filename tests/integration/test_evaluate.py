@@ -164,6 +164,7 @@ def test_eval_generation_scores_a_failed_generation_as_zero(corpus, exports, tin
     assert m["num_images"] == m["baseline/num_images"] == len(table)
     tags = {p["tag"] for p in prompts}
     assert {f"{t}/accuracy" for t in tags} <= set(m) and 0.0 <= m["overall"] <= 1.0 and "baseline/overall" in m
+    assert m["reference/num_images"] == len(prompts) and 0.0 <= m["reference/overall"] <= 1.0
     assert {"corpus_manifest", "prompts", "generator", "tokenizer"} == set(manifest["inputs"])
     names = {a.path for a in client.list_artifacts(run.info.run_id, "grids")}
     assert names == {"grids/generations.png", "grids/baseline_generations.png"}

@@ -14,7 +14,7 @@ from pathlib import Path
 from tests.conftest import REPO
 
 SMALL = ["corpus.shapes.num_samples=360", "corpus.shapes.shard_size=30", "train_tokenizer.steps=2",
-         "train_tokenizer.checkpoint_every=2", "train_tokenizer.micro_batch_size=4",
+         "train_tokenizer.lr_schedule.warmup_steps=0", "train_tokenizer.checkpoint_every=2", "train_tokenizer.micro_batch_size=4",
          "pretokenize.num_actors=1", "pretokenize.batch_size=8", "pretokenize.micro_batch=8"]
 
 

@@ -8,7 +8,7 @@ import torch
 
 from tokenflow.config import load_config
 from tokenflow.data.token_shards import TokenShardError
-from tokenflow.models.llm_weights import load_generator, load_understanding
+from tokenflow.models.llm_weights import load_generator, load_understanding, read_weights
 from tokenflow.models.generator import left_pad
 from tokenflow.models.sampling import sample_tokens
 from tokenflow.models.weights import load_tokenizer
@@ -86,14 +86,18 @@ def test_generator_refuses_shards_of_another_tokenizer(token_shards, tmp_path, t
                             str(tmp_path / "g"))
 
 
-def test_understanding_zero3_align_then_finetune_answers_questions(ray_local, token_shards, tiny_tokenizer_path,
-                                                                   tmp_path):
+@pytest.mark.parametrize("align_trains,zero", [("projector", "zero3"), ("all", "zero2")])
+def test_understanding_align_then_finetune_answers_questions(ray_local, token_shards, tiny_tokenizer_path, tmp_path,
+                                                             align_trains, zero):
     manifest, url = token_shards
     out = tmp_path / "und"
     cfg = _config("train_understanding", out, "align_steps=2", "steps=3", "checkpoint_every=3", "eval_every=3",
-                  "deepspeed=zero3", "split_turns=true", "heldout_questions=6", "max_new_tokens=3")
+                  f"deepspeed={zero}", "split_turns=true", "heldout_questions=6", "max_new_tokens=3",
+                  f"align_trains={align_trains}")
     result = run_train_understanding(cfg, manifest, url, str(tiny_tokenizer_path), str(out))
-    assert (out / "align" / "projector.safetensors").is_file()
+    aligned, _ = read_weights(str(out / "align" / "aligned.safetensors"))
+    trained_lm = any(k.startswith("lm.") for k in aligned)
+    assert any(k.startswith("projector.") for k in aligned) and trained_lm == (align_trains == "all")
     model, tok = load_understanding(str(out / "model"))
     answers = model.generate(torch.zeros(2, 130, dtype=torch.long), ["Is there a red circle?", "Is it blue?"], tok,
                              max_new_tokens=3)

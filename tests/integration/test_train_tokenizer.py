@@ -96,7 +96,9 @@ def test_zero2_killed_job_resumes_with_identical_losses(corpus, tmp_path):
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_ADDRESS="local")
     # Checkpoints every 2 of 10 steps: each one is a barrier of a second or more, so the kill
     # after the first checkpoint lands well before the end.
-    steps = ["train_tokenizer.steps=10", "train_tokenizer.checkpoint_every=2"]
+    # A warmup + cosine schedule, so resume must also restore the scheduler's position.
+    steps = ["train_tokenizer.steps=10", "train_tokenizer.checkpoint_every=2",
+             "train_tokenizer.lr_schedule.warmup_steps=3", "train_tokenizer.lr_schedule.decay=cosine"]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     subprocess.run(_cmd(corpus, clean, steps), env=env, check=True, capture_output=True)
 
@@ -114,6 +116,7 @@ def test_zero2_killed_job_resumes_with_identical_losses(corpus, tmp_path):
     assert sorted(expected) == sorted(resumed) == list(range(1, 11))
     for step in expected:
         assert abs(expected[step] - resumed[step]) <= 1e-6, (step, expected[step], resumed[step])
+    assert _history(clean, "lr") == _history(killed, "lr")
     assert (clean / "tokenizer.safetensors").read_bytes() == (killed / "tokenizer.safetensors").read_bytes()
 
 

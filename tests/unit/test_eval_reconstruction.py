@@ -65,3 +65,19 @@ def test_bad_batches_raise(tokenizer, images):
         evaluate_reconstruction(tokenizer, [(["only-one"], images[:2])])
     with pytest.raises(ValueError, match="no images"):
         evaluate_reconstruction(tokenizer, [])
+
+
+def test_geneval_reference_scores_each_prompt_on_its_reconstruction_and_bad_sources_as_zero(tokenizer, tiny_config):
+    from tokenflow.data.shapes import encode_png
+    from tokenflow.eval.geneval import GenEvalPrompt, GenEvalRules, Include
+    from tokenflow.eval.geneval_backends import ShapesColorClassifier, ShapesObjectDetector
+    from tokenflow.eval.runners import score_reconstructions
+
+    scene = generate_scene(np.random.default_rng(1), tiny_config.image_size)
+    png = encode_png(render_scene(scene, tiny_config.image_size))
+    prompt = GenEvalPrompt("single_object", "a thing", (Include(scene.objects[0].shape, 1),))
+    results = score_reconstructions(tokenizer, [png, b"not an image", png], [prompt] * 3, ShapesObjectDetector(),
+                                    ShapesColorClassifier(), GenEvalRules(), batch_size=1)
+    assert [r.prompt for r in results] == ["a thing"] * 3
+    assert not results[1].correct and results[1].reason == "source image: undecodable"
+    assert results[0] == results[2]  # batching does not change a prompt's verdict

@@ -30,7 +30,7 @@ def test_a_config_change_reruns_exactly_the_dependants(tmp_path):
         "train_understanding.lr=0.0002": {"train_understanding", "eval_understanding"},
         "pretokenize.micro_batch=8": {"pretokenize", "train_generator", "train_understanding", "eval_generation",
                                       "eval_understanding"},
-        "train_tokenizer.steps=10": set(base) - {"corpus"},
+        "train_tokenizer.steps=100": set(base) - {"corpus"},
         "corpus.shapes.seed=1": set(base),
         "eval.generation.images_per_prompt=3": {"eval_generation"},
         "eval.understanding.shapes_per_subtask=5": {"eval_understanding"},

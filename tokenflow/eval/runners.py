@@ -135,6 +135,32 @@ def generate_and_score(model: NextScaleGenerator, tok: PreTrainedTokenizerBase, 
     return out, kept
 
 
+def score_reconstructions(tokenizer: TokenFlowTokenizer, sources: Sequence[bytes], prompts: Sequence[GenEvalPrompt],
+                          detector: ObjectDetector, color_classifier: ColorClassifier, rules: GenEvalRules,
+                          batch_size: int = 32) -> list[ImageResult]:
+    """Each prompt scored on the tokenizer's reconstruction of its source image (encoded bytes):
+    what a generator that reproduced the images exactly would score through this tokenizer. A
+    source that cannot be decoded scores 0 with the reason."""
+    size, device = tokenizer.cfg.image_size, _device(tokenizer)
+    results: dict[int, ImageResult] = {}
+    decoded: dict[int, torch.Tensor] = {}
+    for i, (source, prompt) in enumerate(zip(sources, prompts, strict=True)):
+        try:
+            decoded[i] = preprocess(decode_image(source), size)
+        except DecodeError as exc:
+            results[i] = ImageResult(prompt.tag, prompt.prompt, False, f"source image: {exc.reason}")
+    order = list(decoded)
+    tokenizer.eval()
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        with torch.no_grad():
+            tokens = tokenizer.encode(torch.stack([decoded[i] for i in chunk]).to(device))
+            recon = tokenizer.decode_indices(tokens).clamp(0, 1).cpu()
+        for i, pixels in zip(chunk, to_uint8(recon)):
+            results[i] = score_image(Image.fromarray(pixels), prompts[i], detector, color_classifier, rules)
+    return [results[i] for i in range(len(prompts))]
+
+
 # --------------------------------------------------------------------------- MME
 
 

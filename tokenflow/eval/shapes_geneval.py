@@ -78,6 +78,23 @@ def shapes_geneval_prompts(scenes: Iterable[Scene], per_tag: int) -> list[GenEva
     return [prompt for tag in TAGS for prompt in chosen[tag].values()]
 
 
+def prompt_sources(samples: Iterable[RawSample], prompts: Iterable[GenEvalPrompt]) -> list[RawSample]:
+    """For each prompt, the first sample whose scene yields exactly that prompt (the one it was
+    written from, or an identically captioned scene), so every source image meets its prompt."""
+    wanted = {(p.tag, p.prompt): p for p in prompts}
+    found: dict[tuple[str, str], RawSample] = {}
+    for sample in samples:
+        if not sample.json:
+            continue
+        for tag, prompt in prompts_for_scene(scene_from_record(json.loads(sample.json))).items():
+            if wanted.get((tag, prompt.prompt)) == prompt:
+                found.setdefault((tag, prompt.prompt), sample)
+    missing = [key for key in wanted if key not in found]
+    if missing:
+        raise ValueError(f"no sample yields the prompts {missing[:3]}")
+    return [found[key] for key in wanted]
+
+
 def write_shapes_geneval_prompts(out_url: str, samples: Iterable[RawSample], per_tag: int) -> list[GenEvalPrompt]:
     """Write the prompt set built from held-out shapes samples as GenEval metadata JSONL.
 

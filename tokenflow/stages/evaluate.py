@@ -32,8 +32,9 @@ from tokenflow.eval.geneval import GenEvalPrompt, GenEvalRules, load_metadata, s
 from tokenflow.eval.mme import MMEQuestion, load_mme, parse_answer, score_mme
 from tokenflow.eval.reconstruction import evaluate_reconstruction
 from tokenflow.eval.runners import (Generation, answer_questions, check_codebook, encode_images,
-                                    generate_and_score, load_image, untrained_like, untrained_tokenizer)
-from tokenflow.eval.shapes_geneval import write_shapes_geneval_prompts
+                                    generate_and_score, load_image, score_reconstructions, untrained_like,
+                                    untrained_tokenizer)
+from tokenflow.eval.shapes_geneval import prompt_sources, write_shapes_geneval_prompts
 from tokenflow.eval.shapes_mme import write_shapes_mme
 from tokenflow.models.llm_weights import WEIGHTS_NAME, load_generator, load_understanding
 from tokenflow.models.tokenizer import TokenFlowTokenizer
@@ -47,6 +48,7 @@ RESULTS_NAME = "results.parquet"
 PROMPTS_NAME = "prompts.jsonl"
 MME_DIR = "mme"
 BASELINE = "baseline/"
+REFERENCE = "reference/"  # eval_generation, shapes: the prompts' source images through the tokenizer
 GRID_IMAGES = 8
 GRID_PROMPTS_PER_TAG = 2
 
@@ -277,9 +279,11 @@ def run_eval_generation(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any], g
 
     prompts_url = storage.join(out_url, PROMPTS_NAME)
     inputs = {"tokenizer": tokenizer_digest, "generator": file_digest(storage.join(generator_dir, WEIGHTS_NAME))[1]}
+    sources: list[bytes] = []
     if g.benchmark == "shapes":
-        samples = (sample for _, sample in _heldout_samples(corpus_manifest))
+        samples = [sample for _, sample in _heldout_samples(corpus_manifest)]
         prompts = write_shapes_geneval_prompts(prompts_url, samples, g.shapes_per_tag)
+        sources = [sample.image or b"" for sample in prompt_sources(samples, prompts)]
         inputs["corpus_manifest"] = manifest_digest(corpus_manifest)
     else:
         prompts = load_metadata(g.metadata_url)
@@ -307,6 +311,9 @@ def run_eval_generation(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any], g
         run.grid("baseline_generations.png",
                  *_generation_grid(prompts, shown, base_generations, base_images, g.images_per_prompt, size))
         metrics = _with_baseline(_geneval_metrics(generations), _geneval_metrics(base_generations))
+        if sources:  # shapes: the ceiling this tokenizer leaves a generator
+            reference = score_reconstructions(tokenizer, sources, prompts, detector, classifier, rules)
+            metrics.update({REFERENCE + k: v for k, v in summarize(reference).metrics().items()})
         return run.finish(metrics, benchmark=g.benchmark, prompts=PROMPTS_NAME)
 
 

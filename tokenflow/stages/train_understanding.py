@@ -1,7 +1,8 @@
 """The understanding stage: LLaVA-style training on token shards, DeepSpeed ZeRO on Ray Train.
 
-Two Ray Train runs under ``out_url``: ``align/`` (projector only, captions; writes
-``align/projector.safetensors``) then ``finetune/`` (everything, conversations). The tokenizer
+Two Ray Train runs under ``out_url``: ``align/`` (captions; the projector, or everything with
+``align_trains: all``; writes ``align/aligned.safetensors``) then ``finetune/`` (everything,
+conversations). The tokenizer
 is frozen: only its codebooks are read. Outputs: the inference export ``model/``
 (``model.safetensors`` + ``text_tokenizer/``) and ``_MANIFEST.json`` (written last). Running
 again with the same ``out_url`` resumes whichever phase was interrupted.
@@ -22,13 +23,13 @@ STAGE = "train_understanding"
 def run_train_understanding(cfg: TokenFlowConfig, token_manifest: dict[str, Any], token_url: str,
                             tokenizer_url: str, out_url: str, parent_run_id: str | None = None) -> dict[str, Any]:
     """Align then fine-tune (or resume either); returns the stage manifest."""
-    from tokenflow.train.understanding_worker import PROJECTOR_FILE, train_understanding_worker
+    from tokenflow.train.understanding_worker import ALIGNED_FILE, train_understanding_worker
 
     start = start_llm_stage(cfg, STAGE, token_manifest, token_url, tokenizer_url, out_url, parent_run_id)
     t = cfg.train_understanding
     job = {**start.job,
-           "projector_url": storage.join(out_url, "align", PROJECTOR_FILE) if t.align_steps else None}
-    if t.align_steps and not storage.exists(job["projector_url"]):  # written atomically, last
+           "aligned_url": storage.join(out_url, "align", ALIGNED_FILE) if t.align_steps else None}
+    if t.align_steps and not storage.exists(job["aligned_url"]):  # written atomically, last
         fit(train_understanding_worker, {**job, "phase": "align"}, t.model_copy(update={"steps": t.align_steps}),
             out_url, "align")
     fit(train_understanding_worker, {**job, "phase": "finetune"}, t, out_url, "finetune")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from tokenflow.config import load_deepspeed_config
+from tokenflow.config import LRScheduleConfig, load_deepspeed_config
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +30,27 @@ def init_distributed(device: torch.device) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
 
 
-def make_engine(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]):
-    """A DeepSpeed engine around ``model`` with a client torch optimizer (no JIT-built ops)."""
+def lr_multiplier(schedule: LRScheduleConfig, step: int, total_steps: int) -> float:
+    """The factor on the base learning rate for optimizer step ``step`` (0-based) of ``total_steps``."""
+    if step < schedule.warmup_steps:
+        return (step + 1) / schedule.warmup_steps
+    if schedule.decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - schedule.warmup_steps) / max(1, total_steps - 1 - schedule.warmup_steps))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule.decay == "cosine" else 1.0 - progress
+    return schedule.min_lr_ratio + (1.0 - schedule.min_lr_ratio) * shape
+
+
+def make_engine(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any],
+                schedule: LRScheduleConfig | None = None, total_steps: int = 1):
+    """A DeepSpeed engine around ``model`` with a client torch optimizer (no JIT-built ops) and,
+    when given, the learning-rate schedule over ``total_steps`` optimizer steps (the engine steps
+    it at each optimizer step and checkpoints it)."""
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    scheduler = None if schedule is None else torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(schedule, step, total_steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, lr_scheduler=scheduler)
     return engine
 
 

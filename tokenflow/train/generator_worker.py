@@ -58,7 +58,7 @@ def train_generator_worker(job: dict[str, Any]) -> None:
 
     tok, codebook, lm = load_llm_parts(job, t)
     model = NextScaleGenerator(lm, codebook, special_id(tok, IMAGE_START), special_id(tok, IMAGE_END)).to(device)
-    engine = engine_for(model, t, [{"params": [p for p in model.parameters() if p.requires_grad]}])
+    engine = engine_for(model, t, [{"params": [p for p in model.parameters() if p.requires_grad]}], t.steps)
     prompts = _Prompts(tok, t.language_model.max_text_tokens)
 
     stream = example_stream(job["train_urls"], _expand, rank, world, t.seed)

@@ -58,11 +58,12 @@ def first_examples(urls: list[str], expand: Callable[[TokenSample], list[E]], co
     return out
 
 
-def engine_for(model: nn.Module, t: TrainingConfig, param_groups: list[dict[str, Any]]):
-    """A DeepSpeed engine with AdamW over ``param_groups`` (frozen parameters left out)."""
+def engine_for(model: nn.Module, t: TrainingConfig, param_groups: list[dict[str, Any]], total_steps: int):
+    """A DeepSpeed engine with AdamW over ``param_groups`` (frozen parameters left out) and the
+    stage's learning-rate schedule over ``total_steps``."""
     optimizer = torch.optim.AdamW(param_groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     return make_engine(model, optimizer, deepspeed_config(t.deepspeed, t.micro_batch_size, t.grad_accum,
-                                                          t.grad_clip))
+                                                          t.grad_clip), t.lr_schedule, total_steps)
 
 
 def export_llm(model: nn.Module, engine: Any, rank: int, lm: PreTrainedModel, meta: dict[str, Any],

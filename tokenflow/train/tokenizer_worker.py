@@ -72,8 +72,9 @@ def train_tokenizer_worker(job: dict[str, Any]) -> None:
     disc = PatchDiscriminator(tok.discriminator).to(device)
     loss_fn = TokenizerLoss(tok).to(device)
     ds_cfg = deepspeed_config(t.deepspeed, t.micro_batch_size, t.grad_accum, t.grad_clip)
-    gen = make_engine(model, torch.optim.Adam(model.trainable_parameters(), lr=t.lr, betas=t.betas), ds_cfg)
-    dis = make_engine(disc, torch.optim.Adam(disc.parameters(), lr=t.lr, betas=t.betas), ds_cfg)
+    gen = make_engine(model, torch.optim.Adam(model.trainable_parameters(), lr=t.lr, betas=t.betas), ds_cfg,
+                      t.lr_schedule, t.steps)
+    dis = make_engine(disc, torch.optim.Adam(disc.parameters(), lr=t.lr, betas=t.betas), ds_cfg)  # constant lr
     engines = {"generator": gen, "discriminator": dis}
 
     train = [ShardRecord(**r) for r in job["train_shards"]]

@@ -1,8 +1,8 @@
 """The per-worker understanding training loop run by Ray Train, one call per phase.
 
-``align``: the LM is frozen; the projector learns from (caption prompt, caption) pairs; the
-phase exports the projector. ``finetune``: the projector starts from that export and everything
-trains on the corpus conversations; held-out yes/no questions measure accuracy (every rank
+``align``: the projector (and, with ``align_trains: all``, the LM) learns from (caption prompt,
+caption) pairs; the phase exports what it trained. ``finetune``: starts from that export and
+trains everything on the corpus conversations; held-out yes/no questions measure accuracy (every rank
 answers the same questions: ZeRO-3 forwards are collective); the phase exports the whole model.
 """
 
@@ -24,7 +24,7 @@ from tokenflow.train.llm_common import engine_for, example_stream, export_llm, f
 
 log = logging.getLogger(__name__)
 
-PROJECTOR_FILE = "projector.safetensors"
+ALIGNED_FILE = "aligned.safetensors"
 
 
 def parse_yes_no(answer: str) -> str | None:
@@ -63,14 +63,18 @@ def train_understanding_worker(job: dict[str, Any]) -> None:
 
     tok, codebook, lm = load_llm_parts(job, t)
     model = UnderstandingModel(lm, codebook, tok.bos_token_id)
-    if align:
+    projector_only = t.align_trains == "projector"
+    if align and projector_only:
         lm.requires_grad_(False)
-    elif job.get("projector_url"):
-        weights, _ = read_weights(job["projector_url"])
-        model.projector.load_state_dict({k.removeprefix("projector."): v for k, v in weights.items()}, strict=True)
+    elif not align and job.get("aligned_url"):
+        weights, _ = read_weights(job["aligned_url"])
+        if projector_only:
+            model.projector.load_state_dict({k.removeprefix("projector."): v for k, v in weights.items()})
+        else:
+            model.load_state_dict(weights)
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    engine = engine_for(model, t, [{"params": trainable, "lr": lr}])
+    engine = engine_for(model, t, [{"params": trainable, "lr": lr}], steps)
 
     def expand(sample) -> list[ChatExample]:
         return caption_examples(sample) if align else conversation_examples(sample, t.split_turns)
@@ -121,7 +125,7 @@ def train_understanding_worker(job: dict[str, Any]) -> None:
     meta = {"kind": "understanding", "scales": list(codebook.scales), "bos_id": tok.bos_token_id,
             "attn_implementation": t.language_model.attn_implementation}
     if align:
-        export_llm(model, engine, rank, lm, meta, job["projector_url"], keep=("projector.",))
+        export_llm(model, engine, rank, lm, meta, job["aligned_url"], keep=("projector.",) if projector_only else ())
     else:
         export_llm(model, engine, rank, lm, meta, storage.join(job["export_dir"], WEIGHTS_NAME))
 
