@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from tokenflow.config import ConfigError, config_hash, load_config
 
@@ -129,5 +131,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> NoReturn:
+    """Console entry point: :func:`main`, then exit without interpreter teardown, where pyarrow's
+    Parquet threads can rarely abort a finished command with SIGABRT (apache/arrow#34314),
+    replacing its exit code. Every output is written and flushed before that."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
