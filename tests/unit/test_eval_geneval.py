@@ -18,8 +18,8 @@ from tokenflow.eval.geneval import (TAGS, Detection, as_bbox, Exclude, GenEvalPr
                                     Include, box_iou, evaluate_detections, keep_detections, load_metadata,
                                     relative_position, score_image, summarize, write_metadata)
 from tokenflow.eval.geneval_backends import ShapesColorClassifier, ShapesObjectDetector
-from tokenflow.eval.shapes_geneval import (prompt_sources, prompts_for_scene, scene_from_record,
-                                           shapes_geneval_prompts, write_shapes_geneval_prompts)
+from tokenflow.eval.shapes_geneval import (prompts_for_scene, scene_from_record, shapes_geneval_prompts,
+                                           write_shapes_geneval_prompts)
 
 # Lines in the official evaluation_metadata.jsonl format.
 OFFICIAL_LINES = [
@@ -213,7 +213,7 @@ def test_shapes_prompt_set_is_balanced_distinct_and_official_format():
         scene = generate_scene(rng, 64)
         samples.append(RawSample(f"k{i}", b"", json=json.dumps(annotate(scene, rng))))
     url = "memory://geneval-test/shapes.jsonl"
-    prompts = write_shapes_geneval_prompts(url, samples, per_tag=5)
+    prompts = [prompt for _, prompt in write_shapes_geneval_prompts(url, samples, per_tag=5)]
     assert load_metadata(url) == prompts
     per_tag = Counter(p.tag for p in prompts)
     assert per_tag == {tag: 5 for tag in TAGS}
@@ -233,19 +233,16 @@ def test_shapes_prompt_set_is_balanced_distinct_and_official_format():
         list(prompts_for_scene(scene_from_record(json.loads(samples[0].json))).values())[:1]
 
 
-def test_prompt_sources_are_scenes_that_meet_their_prompts():
+def test_each_prompt_comes_with_the_sample_whose_scene_it_was_written_from():
     rng = np.random.default_rng(3)
     samples, scenes = [], {}
     for i in range(200):
         scene = generate_scene(rng, 64)
         scenes[f"k{i}"] = scene
         samples.append(RawSample(f"k{i}", b"", json=json.dumps(annotate(scene, rng))))
-    prompts = shapes_geneval_prompts((scene_from_record(json.loads(s.json)) for s in samples), per_tag=3)
-    sources = prompt_sources(samples, prompts)
-    assert len(sources) == len(prompts)
+    sourced = write_shapes_geneval_prompts("memory://geneval-test/sourced.jsonl", samples, per_tag=3)
+    assert [p for _, p in sourced] == shapes_geneval_prompts(scenes.values(), per_tag=3)
     detector, colors = ShapesObjectDetector(), ShapesColorClassifier()
-    for prompt, source in zip(prompts, sources):
+    for source, prompt in sourced:
         assert prompts_for_scene(scenes[source.key])[prompt.tag] == prompt
         assert score_image(render_scene(scenes[source.key], 64), prompt, detector, colors).correct
-    with pytest.raises(ValueError, match="no sample yields"):
-        prompt_sources(samples[:1], prompts)

@@ -22,11 +22,13 @@ a tag never repeats a prompt text.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, TypeVar
 
 from tokenflow.data.corpus import RawSample
 from tokenflow.data.shapes import Scene, SceneObject, caption, spatial_relation
 from tokenflow.eval.geneval import TAGS, Exclude, GenEvalPrompt, Include, relative_position, write_metadata
+
+S = TypeVar("S")
 
 
 def scene_from_record(record: Mapping[str, Any]) -> Scene:
@@ -61,47 +63,36 @@ def prompts_for_scene(scene: Scene) -> dict[str, GenEvalPrompt]:
     return out
 
 
-def shapes_geneval_prompts(scenes: Iterable[Scene], per_tag: int) -> list[GenEvalPrompt]:
-    """Up to ``per_tag`` distinct prompts per tag from ``scenes``, grouped by tag in TAGS order."""
+def _select(sourced_scenes: Iterable[tuple[S, Scene]], per_tag: int) -> list[tuple[S, GenEvalPrompt]]:
+    """:func:`shapes_geneval_prompts`, each prompt with the source of the scene it came from."""
     if per_tag < 1:
         raise ValueError(f"per_tag must be positive, got {per_tag}")
-    chosen: dict[str, dict[str, GenEvalPrompt]] = {tag: {} for tag in TAGS}
-    for scene in scenes:
+    chosen: dict[str, dict[str, tuple[S, GenEvalPrompt]]] = {tag: {} for tag in TAGS}
+    for source, scene in sourced_scenes:
         candidates = [(len(chosen[tag]), TAGS.index(tag), prompt)
                       for tag, prompt in prompts_for_scene(scene).items()
                       if len(chosen[tag]) < per_tag and prompt.prompt not in chosen[tag]]
         if candidates:
             prompt = min(candidates, key=lambda c: c[:2])[2]
-            chosen[prompt.tag][prompt.prompt] = prompt
+            chosen[prompt.tag][prompt.prompt] = (source, prompt)
         if all(len(prompts) == per_tag for prompts in chosen.values()):
             break
-    return [prompt for tag in TAGS for prompt in chosen[tag].values()]
+    return [pair for tag in TAGS for pair in chosen[tag].values()]
 
 
-def prompt_sources(samples: Iterable[RawSample], prompts: Iterable[GenEvalPrompt]) -> list[RawSample]:
-    """For each prompt, the first sample whose scene yields exactly that prompt (the one it was
-    written from, or an identically captioned scene), so every source image meets its prompt."""
-    wanted = {(p.tag, p.prompt): p for p in prompts}
-    found: dict[tuple[str, str], RawSample] = {}
-    for sample in samples:
-        if not sample.json:
-            continue
-        for tag, prompt in prompts_for_scene(scene_from_record(json.loads(sample.json))).items():
-            if wanted.get((tag, prompt.prompt)) == prompt:
-                found.setdefault((tag, prompt.prompt), sample)
-    missing = [key for key in wanted if key not in found]
-    if missing:
-        raise ValueError(f"no sample yields the prompts {missing[:3]}")
-    return [found[key] for key in wanted]
+def shapes_geneval_prompts(scenes: Iterable[Scene], per_tag: int) -> list[GenEvalPrompt]:
+    """Up to ``per_tag`` distinct prompts per tag from ``scenes``, grouped by tag in TAGS order."""
+    return [prompt for _, prompt in _select(((None, scene) for scene in scenes), per_tag)]
 
 
-def write_shapes_geneval_prompts(out_url: str, samples: Iterable[RawSample], per_tag: int) -> list[GenEvalPrompt]:
-    """Write the prompt set built from held-out shapes samples as GenEval metadata JSONL.
+def write_shapes_geneval_prompts(out_url: str, samples: Iterable[RawSample],
+                                 per_tag: int) -> list[tuple[RawSample, GenEvalPrompt]]:
+    """Write the prompt set built from held-out shapes samples as GenEval metadata JSONL; returns
+    each prompt with the sample it was written from (whose image meets the prompt).
 
     ``samples`` are the held-out split's records (e.g. :func:`tokenflow.data.corpus.iter_shard`
     over its shards); the corpus seed fixes them, so the same corpus gives the same file.
     """
-    scenes = (scene_from_record(json.loads(s.json)) for s in samples if s.json)
-    prompts = shapes_geneval_prompts(scenes, per_tag)
-    write_metadata(out_url, prompts)
-    return prompts
+    sourced = _select(((s, scene_from_record(json.loads(s.json))) for s in samples if s.json), per_tag)
+    write_metadata(out_url, [prompt for _, prompt in sourced])
+    return sourced

@@ -34,7 +34,7 @@ from tokenflow.eval.reconstruction import evaluate_reconstruction
 from tokenflow.eval.runners import (Generation, answer_questions, check_codebook, encode_images,
                                     generate_and_score, load_image, score_reconstructions, untrained_like,
                                     untrained_tokenizer)
-from tokenflow.eval.shapes_geneval import prompt_sources, write_shapes_geneval_prompts
+from tokenflow.eval.shapes_geneval import write_shapes_geneval_prompts
 from tokenflow.eval.shapes_mme import write_shapes_mme
 from tokenflow.models.llm_weights import WEIGHTS_NAME, load_generator, load_understanding
 from tokenflow.models.tokenizer import TokenFlowTokenizer
@@ -281,9 +281,10 @@ def run_eval_generation(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any], g
     inputs = {"tokenizer": tokenizer_digest, "generator": file_digest(storage.join(generator_dir, WEIGHTS_NAME))[1]}
     sources: list[bytes] = []
     if g.benchmark == "shapes":
-        samples = [sample for _, sample in _heldout_samples(corpus_manifest)]
-        prompts = write_shapes_geneval_prompts(prompts_url, samples, g.shapes_per_tag)
-        sources = [sample.image or b"" for sample in prompt_sources(samples, prompts)]
+        samples = (sample for _, sample in _heldout_samples(corpus_manifest))
+        sourced = write_shapes_geneval_prompts(prompts_url, samples, g.shapes_per_tag)
+        prompts = [prompt for _, prompt in sourced]
+        sources = [sample.image or b"" for sample, _ in sourced]
         inputs["corpus_manifest"] = manifest_digest(corpus_manifest)
     else:
         prompts = load_metadata(g.metadata_url)

@@ -2,10 +2,9 @@
 
 Two Ray Train runs under ``out_url``: ``align/`` (captions; the projector, or everything with
 ``align_trains: all``; writes ``align/aligned.safetensors``) then ``finetune/`` (everything,
-conversations). The tokenizer
-is frozen: only its codebooks are read. Outputs: the inference export ``model/``
-(``model.safetensors`` + ``text_tokenizer/``) and ``_MANIFEST.json`` (written last). Running
-again with the same ``out_url`` resumes whichever phase was interrupted.
+conversations). The tokenizer is frozen: only its codebooks are read. Outputs: the inference
+export ``model/`` (``model.safetensors`` + ``text_tokenizer/``) and ``_MANIFEST.json`` (written
+last). Running again with the same ``out_url`` resumes whichever phase was interrupted.
 """
 
 from __future__ import annotations
