@@ -17,7 +17,7 @@ from PIL import Image, ImageFilter
 
 from tokenflow.data.shapes import (BACKGROUND, PALETTE, SHAPES, annotate, caption, generate_scene,
                                    render_scene, write_shapes_corpus)
-from tokenflow.eval.shapes_detector import detect_shapes
+from tokenflow.eval.shapes_detector import background_mask, detect_shapes
 
 NUM_SAMPLES, SHARD_SIZE, SEED = 50, 8, 7
 NUMBERS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4}
@@ -234,6 +234,38 @@ def test_detector_accepts_arrays_and_is_exact_on_clean_images(records):
             sorted((o["shape"], o["color"], tuple(o["bbox"])) for o in record["objects"])
         assert all(d.score == 1.0 for d in detections)
     assert detect_shapes(np.full((64, 64, 3), 255, np.uint8)) == []
+
+
+def test_background_is_white_or_a_pale_tint():
+    red, blue = np.array(PALETTE["red"], float), np.array(PALETTE["blue"], float)
+    white = np.array(BACKGROUND, float)
+    pixels = np.array([[white, white + 0.3 * (red - white), white + 0.7 * (red - white), red,
+                        (red + blue) / 2, (0.0, 80.0, 115.0)]], np.uint8)
+    assert background_mask(pixels).tolist() == [[True, True, False, False, False, False]]
+
+
+def test_a_blob_pressed_against_other_colours_is_not_an_object():
+    image = np.full((64, 64, 3), 255, np.uint8)
+    image[20:36, 20:36] = PALETTE["red"]
+    (alone,) = detect_shapes(image)
+    assert (alone.shape, alone.color, alone.isolation) == ("square", "red", 1.0)
+    image[16:20, 16:40] = PALETTE["blue"]  # a bar above the square and an L down its left side
+    image[16:40, 16:20] = PALETTE["blue"]
+    assert detect_shapes(image) == []  # the L touches the square too
+    assert sorted(d.color for d in detect_shapes(image, min_isolation=0.0)) == ["blue", "red"]
+
+
+def test_clutter_gives_few_detections():
+    """Blurred fields of random palette cells: nearly every blob touches another colour."""
+    rng = np.random.default_rng(0)
+    cells = np.array([BACKGROUND] * 3 + list(PALETTE.values()), np.uint8)
+    gated = ungated = 0
+    for _ in range(20):
+        field = Image.fromarray(cells[rng.integers(0, len(cells), (8, 8))]).resize((64, 64), Image.NEAREST)
+        field = field.filter(ImageFilter.GaussianBlur(1.0))
+        gated += len(detect_shapes(field))
+        ungated += len(detect_shapes(field, min_isolation=0.0))
+    assert ungated > 200 and gated < 0.1 * ungated, (gated, ungated)
 
 
 def test_memory_url_matches_local_bytes(corpus):

@@ -51,11 +51,13 @@ def _pixel_box(bbox: Sequence[float], size: tuple[int, int]) -> tuple[int, int, 
 
 
 class ShapesObjectDetector:
-    """The exact shapes detector: every palette-coloured component is one detection.
+    """The exact shapes detector: every palette-coloured component standing on background is one
+    detection (:func:`~tokenflow.eval.shapes_detector.detect_shapes`).
 
     Components under ``min_area`` pixels are ignored: the corpus' smallest object (a 12 px
     triangle) covers 84 pixels, while noise-like generations are full of small single-colour
-    blobs that would otherwise pass as objects.
+    blobs that would otherwise pass as objects; components pressed against other colours
+    (isolation under 0.8) are clutter, not objects.
     """
 
     def __init__(self, min_area: int = 60):

@@ -8,6 +8,12 @@ their objects' outlines. Each palette colour's pixels are split into 8-connected
 template (circle, square, triangle drawn exactly as the corpus draws them, stretched to the
 component's box) with the highest IoU against it, and that IoU is the detection's score: 1.0
 for a clean rendered object, lower for blurry or odd blobs.
+
+A component is an object only when it stands on background, as the corpus draws objects (at
+least 3 px apart): at least ``min_isolation`` of the pixels within ``ISOLATION_RING`` px around
+it must be background (:func:`background_mask`: white, or a pale tint of one palette colour such
+as a blurred edge's halo). A blob pressed against other colours is clutter, not a drawn object:
+without this rule, decoded noise is full of blobs that pass as circles and squares.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ _WHITE = np.array(BACKGROUND, dtype=np.float32)
 _DIRECTIONS = np.array(list(PALETTE.values()), dtype=np.float32) - _WHITE
 _DIRECTION_NORM2 = (_DIRECTIONS ** 2).sum(-1)
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+ISOLATION_RING = 2  # px; the corpus keeps 3 px of background between objects
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class Detection:
     center: tuple[float, float]
     area: int
     score: float
+    isolation: float
 
 
 def _to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -54,6 +62,18 @@ def _to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
     return arr.astype(np.float32)
 
 
+def _blend(image: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's offset from white ``[H, W, 3]`` and, per palette colour, the blend ``a`` of
+    ``white + a * (colour - white)`` nearest to it ``[H, W, C]``."""
+    offset = _to_rgb(image) - _WHITE
+    return offset, offset @ _DIRECTIONS.T / _DIRECTION_NORM2
+
+
+def _distance2(offset: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Squared RGB distance ``[H, W, C]`` from each pixel to each colour's blend ``alpha``."""
+    return ((offset[:, :, None, :] - alpha[..., None] * _DIRECTIONS) ** 2).sum(-1)
+
+
 def color_labels(image: Image.Image | np.ndarray, max_color_distance: float = 70.0) -> np.ndarray:
     """``[H, W]`` int map: ``1 + i`` for the i-th palette colour, 0 for background or nothing.
 
@@ -62,14 +82,20 @@ def color_labels(image: Image.Image | np.ndarray, max_color_distance: float = 70
     and the blend is at least half colour (``a >= 0.5``), so blurred edges are cut at their
     50% contour and keep the object's outline.
     """
-    offset = _to_rgb(image) - _WHITE
-    alpha = offset @ _DIRECTIONS.T / _DIRECTION_NORM2  # [H, W, C]
-    residual2 = ((offset[:, :, None, :] - alpha[..., None] * _DIRECTIONS) ** 2).sum(-1)
+    offset, alpha = _blend(image)
+    residual2 = _distance2(offset, alpha)
     residual2[alpha < 0.5] = np.inf
     best = residual2.argmin(-1)
     labels = best + 1
     labels[np.take_along_axis(residual2, best[..., None], -1)[..., 0] > max_color_distance ** 2] = 0
     return labels
+
+
+def background_mask(image: Image.Image | np.ndarray, max_color_distance: float = 70.0) -> np.ndarray:
+    """``[H, W]`` bool: white, or within ``max_color_distance`` of a blend that is less than half
+    some palette colour (the halo of a blurred edge); dark or mixed pixels are not background."""
+    offset, alpha = _blend(image)
+    return _distance2(offset, np.clip(alpha, 0.0, 0.5)).min(-1) <= max_color_distance ** 2
 
 
 def _classify(mask: np.ndarray) -> tuple[str, float]:
@@ -84,14 +110,29 @@ def _classify(mask: np.ndarray) -> tuple[str, float]:
     return best_shape, best_iou
 
 
-def detect_shapes(image: Image.Image | np.ndarray, min_area: int = 24,
-                  max_color_distance: float = 70.0) -> list[Detection]:
-    """Detect flat-coloured palette objects; sorted top to bottom, then left to right.
+def _isolation(mask: np.ndarray, box: tuple[slice, slice], background: np.ndarray) -> float:
+    """Fraction of background pixels within ISOLATION_RING px of a component (``mask`` cropped to
+    ``box``), the ring clipped to the image."""
+    height, width = background.shape
+    y0, x0 = max(0, box[0].start - ISOLATION_RING), max(0, box[1].start - ISOLATION_RING)
+    y1, x1 = min(height, box[0].stop + ISOLATION_RING), min(width, box[1].stop + ISOLATION_RING)
+    grown = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+    grown[box[0].start - y0 : box[0].stop - y0, box[1].start - x0 : box[1].stop - x0] = mask
+    ring = ndimage.binary_dilation(grown, _EIGHT_CONNECTED, iterations=ISOLATION_RING) & ~grown
+    return float(background[y0:y1, x0:x1][ring].mean()) if ring.any() else 1.0
+
+
+def detect_shapes(image: Image.Image | np.ndarray, min_area: int = 24, max_color_distance: float = 70.0,
+                  min_isolation: float = 0.8) -> list[Detection]:
+    """Detect flat-coloured palette objects standing on background; sorted top to bottom, then
+    left to right.
 
     ``min_area`` drops specks (the corpus' smallest object, a 12 px triangle, has 84 pixels);
-    ``max_color_distance`` (RGB Euclidean) bounds how far a pixel may be from its blend line.
+    ``max_color_distance`` (RGB Euclidean) bounds how far a pixel may be from its blend line;
+    ``min_isolation`` is the background fraction required around a component (module docstring).
     """
     labels = color_labels(image, max_color_distance)
+    background = background_mask(image, max_color_distance)
     detections = []
     for index, color in enumerate(_COLOR_NAMES, start=1):
         components, _ = ndimage.label(labels == index, structure=_EIGHT_CONNECTED)
@@ -100,12 +141,15 @@ def detect_shapes(image: Image.Image | np.ndarray, min_area: int = 24,
             area = int(mask.sum())
             if area < min_area:
                 continue
+            isolation = _isolation(mask, box, background)
+            if isolation < min_isolation:
+                continue
             ys, xs = np.nonzero(mask)
             y0, x0 = box[0].start, box[1].start
             shape, score = _classify(mask)
             detections.append(Detection(
                 shape=shape, color=color, bbox=(x0, y0, box[1].stop, box[0].stop),
                 center=(float(x0 + xs.mean() + 0.5), float(y0 + ys.mean() + 0.5)),
-                area=area, score=score))
+                area=area, score=score, isolation=isolation))
     detections.sort(key=lambda d: (d.center[1], d.center[0]))
     return detections
