@@ -82,7 +82,11 @@ def color_labels(image: Image.Image | np.ndarray, max_color_distance: float = 70
     and the blend is at least half colour (``a >= 0.5``), so blurred edges are cut at their
     50% contour and keep the object's outline.
     """
-    offset, alpha = _blend(image)
+    return _labels(*_blend(image), max_color_distance)
+
+
+def _labels(offset: np.ndarray, alpha: np.ndarray, max_color_distance: float) -> np.ndarray:
+    """:func:`color_labels` from the pixels' :func:`_blend`."""
     residual2 = _distance2(offset, alpha)
     residual2[alpha < 0.5] = np.inf
     best = residual2.argmin(-1)
@@ -94,7 +98,11 @@ def color_labels(image: Image.Image | np.ndarray, max_color_distance: float = 70
 def background_mask(image: Image.Image | np.ndarray, max_color_distance: float = 70.0) -> np.ndarray:
     """``[H, W]`` bool: white, or within ``max_color_distance`` of a blend that is less than half
     some palette colour (the halo of a blurred edge); dark or mixed pixels are not background."""
-    offset, alpha = _blend(image)
+    return _background(*_blend(image), max_color_distance)
+
+
+def _background(offset: np.ndarray, alpha: np.ndarray, max_color_distance: float) -> np.ndarray:
+    """:func:`background_mask` from the pixels' :func:`_blend`."""
     return _distance2(offset, np.clip(alpha, 0.0, 0.5)).min(-1) <= max_color_distance ** 2
 
 
@@ -131,8 +139,9 @@ def detect_shapes(image: Image.Image | np.ndarray, min_area: int = 24, max_color
     ``max_color_distance`` (RGB Euclidean) bounds how far a pixel may be from its blend line;
     ``min_isolation`` is the background fraction required around a component (module docstring).
     """
-    labels = color_labels(image, max_color_distance)
-    background = background_mask(image, max_color_distance)
+    offset, alpha = _blend(image)
+    labels = _labels(offset, alpha, max_color_distance)
+    background = _background(offset, alpha, max_color_distance)
     detections = []
     for index, color in enumerate(_COLOR_NAMES, start=1):
         components, _ = ndimage.label(labels == index, structure=_EIGHT_CONNECTED)
