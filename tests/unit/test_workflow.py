@@ -25,7 +25,7 @@ def test_a_config_change_reruns_exactly_the_dependants(tmp_path):
     base = _hashes(tmp_path)
     assert len(set(base.values())) == len(base)
     cases = {
-        "train_generator.steps=7": {"train_generator", "eval_generation"},
+        "train_generator.steps=70": {"train_generator", "eval_generation"},
         "train_generator.sampling.cfg_scale=1.5": {"train_generator", "eval_generation"},
         "train_understanding.lr=0.0002": {"train_understanding", "eval_understanding"},
         "pretokenize.micro_batch=8": {"pretokenize", "train_generator", "train_understanding", "eval_generation",
