@@ -43,23 +43,60 @@ def test_pixel_weight_changes_decisions():
     assert (sem_only != shared).float().mean() > 0.1
 
 
-def test_multiscale_indices_match_an_independent_residual_loop():
+def _reference_pass(q: SharedMappingQuantizer, h: torch.Tensor):
+    """The reference formulation, from its equations: the residual starts as the RAW latent h; at
+    each scale s it is area-downsampled, each half L2-normalised for the lookup, the index is the
+    shared-mapping argmin of d_sem + w d_pix, the chosen unit-norm codes are bicubic-upsampled to
+    the full grid, summed into the features and subtracted from the raw residual."""
+    grid = q.scales[-1]
+    e_sem = F.normalize(q.semantic_codebook.detach(), dim=1)
+    e_pix = F.normalize(q.pixel_codebook.detach(), dim=1)
+    residual, features = h.clone(), torch.zeros_like(h)
+    indices, residual_norms = {}, []
+    for s in q.scales:
+        down = F.adaptive_avg_pool2d(residual, s).permute(0, 2, 3, 1).reshape(-1, 40)
+        idx = _brute_force(q, F.normalize(down[:, :32], dim=1), F.normalize(down[:, 32:], dim=1))
+        codes = torch.cat([e_sem[idx], e_pix[idx]], dim=1).view(h.shape[0], s, s, 40).permute(0, 3, 1, 2)
+        if s != grid:
+            codes = F.interpolate(codes, size=(grid, grid), mode="bicubic", align_corners=False)
+        features = features + codes
+        residual = residual - codes
+        indices[s] = idx.view(h.shape[0], s * s)
+        residual_norms.append([residual[:, :32].norm() / h[:, :32].norm(), residual[:, 32:].norm() / h[:, 32:].norm()])
+    return indices, features, torch.tensor(residual_norms)
+
+
+@pytest.mark.parametrize("magnitude", [0.3, 4.0])
+def test_forward_equals_the_reference_formulation_on_a_raw_latent(magnitude):
     q = _quantizer()
     g = torch.Generator().manual_seed(3)
-    f = torch.randn(2, 40, 8, 8, generator=g)
-    out = q(f)
-    rest = f.clone()
+    h = magnitude * torch.randn(2, 40, 8, 8, generator=g)
+    with torch.no_grad():
+        out = q(h)
+    indices, features, residual_norms = _reference_pass(q, h)
     for s in q.scales:
-        down = F.adaptive_avg_pool2d(rest, s).permute(0, 2, 3, 1).reshape(-1, 40)
-        zs, zp = F.normalize(down[:, :32], dim=1), F.normalize(down[:, 32:], dim=1)
-        idx = _brute_force(q, zs, zp)
-        assert torch.equal(out.indices[s].reshape(-1), idx), f"scale {s}"
-        codes = torch.cat([F.normalize(q.semantic_codebook, dim=1)[idx],
-                           F.normalize(q.pixel_codebook, dim=1)[idx]], dim=1)
-        codes = codes.view(2, s, s, 40).permute(0, 3, 1, 2)
-        if s != 8:
-            codes = F.interpolate(codes, size=(8, 8), mode="bicubic", align_corners=False)
-        rest = rest - codes.detach()
+        assert torch.equal(out.indices[s], indices[s]), f"scale {s}"
+    torch.testing.assert_close(out.features, features, rtol=1e-5, atol=1e-5)
+    metrics = out.profile.metrics(q.scales)
+    measured = torch.tensor([[metrics[f"residual/{half}/scale_{i}_{s}"] for half in ("semantic", "pixel")]
+                             for i, s in enumerate(q.scales)])
+    torch.testing.assert_close(measured, residual_norms, rtol=1e-4, atol=1e-5)
+    rms = [h[:, :32].pow(2).sum(1).mean().sqrt(), h[:, 32:].pow(2).sum(1).mean().sqrt()]
+    assert metrics["latent_norm/semantic"] == pytest.approx(float(rms[0]), rel=1e-5)
+    assert metrics["latent_norm/pixel"] == pytest.approx(float(rms[1]), rel=1e-5)
+
+
+def test_the_latent_magnitude_decides_how_much_the_scales_take():
+    """The codes are unit-norm whatever the latent's norm and the quantizer never rescales its
+    input: the first lookup ignores the magnitude, what is left after it does not."""
+    q = _quantizer()
+    h = torch.randn(2, 40, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        small, large = q(0.01 * h), q(100 * h)
+    assert torch.equal(small.indices[1], large.indices[1])
+    first_small = small.profile.metrics(q.scales)["residual/pixel/scale_0_1"]
+    first_large = large.profile.metrics(q.scales)["residual/pixel/scale_0_1"]
+    assert first_small > 10 and 0.9 < first_large < 1.01  # a unit code swamps a tiny latent
 
 
 @pytest.mark.parametrize("path", sorted(MODEL_CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)

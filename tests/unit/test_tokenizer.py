@@ -48,6 +48,22 @@ def test_indices_to_features_is_the_accumulated_code_grid(model, images, tiny_co
     assert feats[..., :32].norm(dim=-1).max() > 1.0
 
 
+def test_the_latent_enters_the_quantizer_raw(model, images, tiny_config):
+    """As in the reference: the encoders' outputs are concatenated as they are (no per-half
+    normalisation), and the quantizer's profile measures that raw latent."""
+    from tokenflow.models.quantizer import resize
+
+    with torch.no_grad():
+        latent = model.latent(images)
+        sem = model.semantic_proj(model.semantic_encoder.tokens(images)).transpose(1, 2).reshape(4, 32, 8, 8)
+        pix = model.quant_conv(model.pixel_encoder(resize(images * 2 - 1, tiny_config.pixel_size, "bicubic")))
+        q = model.quantize(images)
+    assert torch.equal(latent, torch.cat([sem, pix], dim=1))
+    assert not torch.allclose(latent[:, 32:].norm(dim=1), torch.ones(4, 8, 8), atol=1e-2)
+    expected = latent[:, 32:].pow(2).sum(1).mean().sqrt()
+    assert q.profile.metrics(model.quantizer.scales)["latent_norm/pixel"] == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_gradients_reach_both_encoders_and_codebooks_but_not_the_teacher(tiny_config, images):
     torch.manual_seed(0)
     model = TokenFlowTokenizer(tiny_config)

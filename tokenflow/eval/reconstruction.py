@@ -8,7 +8,9 @@ originals and of the reconstructions, both at the tokenizer's resolution (the ex
 resizes each to 299 px, :mod:`tokenflow.eval.fid`); like any FID it is biased upward for small
 sample counts, so only compare values computed on the same number of images (50k on ImageNet
 val in the literature). Codebook usage and perplexity count every token of every scale over the
-whole evaluation set (:func:`tokenflow.models.codebook_usage.usage_and_perplexity`).
+whole evaluation set (:func:`tokenflow.models.codebook_usage.usage_and_perplexity`). The
+quantizer's residual profile (:class:`tokenflow.models.quantizer.ResidualProfile`: ||r|| / ||h||
+after each scale, per half, and the latent's norm) is summed over the set as well.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from tokenflow.eval.fid import fid_from_features
 from tokenflow.eval.image_metrics import psnr, ssim
 from tokenflow.models.codebook_usage import usage_and_perplexity
+from tokenflow.models.quantizer import ResidualProfile
 from tokenflow.models.tokenizer import TokenFlowTokenizer
 
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
@@ -46,12 +49,14 @@ class ReconstructionReport:
     rfid: float | None  # None when no feature extractor was given
     codebook_usage: float
     codebook_perplexity: float
+    residuals: dict[str, float]  # ResidualProfile.metrics over the whole set
     samples: tuple[SampleScore, ...]
 
     def metrics(self) -> dict[str, float]:
         """Flat name -> value mapping for tracking (``rfid`` only when computed)."""
         out = {"psnr": self.psnr, "ssim": self.ssim, "codebook_usage": self.codebook_usage,
-               "codebook_perplexity": self.codebook_perplexity, "num_images": float(len(self.samples))}
+               "codebook_perplexity": self.codebook_perplexity, "num_images": float(len(self.samples)),
+               **self.residuals}
         if self.rfid is not None:
             out["rfid"] = self.rfid
         return out
@@ -70,6 +75,7 @@ def evaluate_reconstruction(tokenizer: TokenFlowTokenizer,
     samples: list[SampleScore] = []
     real_features: list[np.ndarray] = []
     fake_features: list[np.ndarray] = []
+    profile: ResidualProfile | None = None
     was_training = tokenizer.training
     tokenizer.eval()
     try:
@@ -78,7 +84,9 @@ def evaluate_reconstruction(tokenizer: TokenFlowTokenizer,
                 if len(keys) != images.shape[0]:
                     raise ValueError(f"{len(keys)} keys for a batch of {images.shape[0]} images")
                 images = images.to(device)
-                tokens = tokenizer.encode(images)
+                q = tokenizer.quantize(images)
+                profile = q.profile if profile is None else profile.add(q.profile)
+                tokens = tokenizer.flat_tokens(q)
                 recon = tokenizer.decode_indices(tokens)
                 counts += torch.bincount(tokens.reshape(-1).cpu(), minlength=counts.numel())
                 samples.extend(SampleScore(str(k), float(p), float(s))
@@ -96,4 +104,5 @@ def evaluate_reconstruction(tokenizer: TokenFlowTokenizer,
         rfid = fid_from_features(np.concatenate(real_features), np.concatenate(fake_features))
     return ReconstructionReport(
         psnr=float(np.mean([s.psnr for s in samples])), ssim=float(np.mean([s.ssim for s in samples])),
-        rfid=rfid, codebook_usage=usage, codebook_perplexity=perplexity, samples=tuple(samples))
+        rfid=rfid, codebook_usage=usage, codebook_perplexity=perplexity,
+        residuals=profile.metrics(tokenizer.quantizer.scales), samples=tuple(samples))

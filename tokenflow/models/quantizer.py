@@ -2,8 +2,12 @@
 
 Two L2-normalised codebooks (semantic and pixel) share one index per position: the index that
 minimises d_sem + w * d_pix (squared L2 between normalised vectors). Quantization is VAR-style
-multi-scale residual: at each scale the residual is area-downsampled, quantized, upsampled
-bicubically to the full grid, accumulated, and subtracted from the residual.
+multi-scale residual, as in the reference implementation: the residual starts as the raw
+latent; at each scale it is area-downsampled, each half normalised for the lookup, the chosen
+unit-norm codes upsampled bicubically to the full grid, accumulated, and subtracted from the
+(raw) residual. The residual's norm after each scale, relative to the latent's
+(:class:`ResidualProfile`), shows whether the scales share the image out: it must fall scale
+by scale.
 """
 
 from __future__ import annotations
@@ -20,6 +24,31 @@ from tokenflow.config import QuantizerConfig
 _DISTANCE_CHUNK = 4096
 
 
+class ResidualProfile(NamedTuple):
+    """Sums of squares over a batch, per half (semantic, pixel): of the raw latent ([2]) and of
+    the residual left after each quantized scale ([scales used, 2]); ``positions`` counts the
+    latent's grid positions summed over. Profiles of several batches add up (:meth:`add`)."""
+
+    latent_sq: torch.Tensor
+    residual_sq: torch.Tensor
+    positions: int
+
+    def add(self, other: "ResidualProfile") -> "ResidualProfile":
+        return ResidualProfile(self.latent_sq + other.latent_sq, self.residual_sq + other.residual_sq,
+                               self.positions + other.positions)
+
+    def metrics(self, scales: tuple[int, ...]) -> dict[str, float]:
+        """``residual/<half>/scale_<i>_<s>``: ||r|| / ||latent|| after scale i (side s), and
+        ``latent_norm/<half>``: the latent's root-mean-square norm per position."""
+        out: dict[str, float] = {}
+        for h, half in enumerate(("semantic", "pixel")):
+            total = float(self.latent_sq[h])
+            out[f"latent_norm/{half}"] = (total / max(self.positions, 1)) ** 0.5
+            for i, size in enumerate(scales):
+                out[f"residual/{half}/scale_{i}_{size}"] = (float(self.residual_sq[i, h]) / max(total, 1e-30)) ** 0.5
+        return out
+
+
 class QuantizerOutput(NamedTuple):
     """What one quantization pass gives back (a NamedTuple, so ZeRO-3 hooks see its tensors)."""
 
@@ -27,6 +56,7 @@ class QuantizerOutput(NamedTuple):
     indices: dict[int, torch.Tensor]  # scale -> [B, s*s] indices of the scales used
     vq_loss: torch.Tensor  # codebook term, mean over used scales
     commit_loss: torch.Tensor  # beta-weighted commitment term, mean over used scales
+    profile: ResidualProfile  # detached residual diagnostics of the scales used
 
 
 def resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
@@ -107,6 +137,7 @@ class SharedMappingQuantizer(nn.Module):
         accumulated = torch.zeros_like(features)
         vq_terms, commit_terms = [], []
         indices: dict[int, torch.Tensor] = {}
+        residual_sq = []
         for i, size in enumerate(self.scales):
             if i == drop_scale:
                 continue
@@ -118,12 +149,20 @@ class SharedMappingQuantizer(nn.Module):
             accumulated = accumulated + up
             rest = rest - up.detach()
             indices[size] = idx
+            residual_sq.append(self._half_sq(rest))
+        profile = ResidualProfile(self._half_sq(features), torch.stack(residual_sq), b * h * w)
         return QuantizerOutput(
             features=accumulated,
             indices=indices,
             vq_loss=torch.stack(vq_terms).mean(),
             commit_loss=self.cfg.beta * torch.stack(commit_terms).mean(),
+            profile=profile,
         )
+
+    def _half_sq(self, x: torch.Tensor) -> torch.Tensor:
+        """Sums of squares of a [B, Ds+Dp, H, W] map's two halves, [2], detached."""
+        with torch.no_grad():
+            return torch.stack([part.float().pow(2).sum() for part in x.split(self.split, dim=1)])
 
     def tokens_to_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Flat tokens [B, sum s^2] -> accumulated code features [B, Ds+Dp, grid, grid]."""

@@ -6,13 +6,12 @@ import copy
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tokenflow.config import TokenizerConfig
 from tokenflow.models.codebook_usage import CodebookUsage
 from tokenflow.models.pixel_codec import PixelDecoder, PixelEncoder
-from tokenflow.models.quantizer import SharedMappingQuantizer, resize
+from tokenflow.models.quantizer import QuantizerOutput, ResidualProfile, SharedMappingQuantizer, resize
 from tokenflow.models.semantic_decoder import SemanticDecoder, semantic_projection
 from tokenflow.models.semantic_tower import SemanticTower
 
@@ -27,6 +26,7 @@ class TokenizerOutput(NamedTuple):
     indices: dict[int, torch.Tensor]  # scale -> [B, s*s]
     vq_loss: torch.Tensor
     commit_loss: torch.Tensor
+    profile: ResidualProfile  # per-scale residual diagnostics of the scales used
 
 
 class TokenFlowTokenizer(nn.Module):
@@ -70,14 +70,18 @@ class TokenFlowTokenizer(nn.Module):
             raise ValueError(f"expected images [B, 3, {size}, {size}] in [0, 1], got {tuple(images.shape)}")
 
     def latent(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B,3,H,W] in [0,1] -> concatenated, per-half L2-normalised latent [B, Ds+Dp, g, g]."""
+        """Images [B,3,H,W] in [0,1] -> the raw concatenated latent [B, Ds+Dp, g, g].
+
+        Not normalised, as in the reference: only the quantizer's per-scale lookup normalises
+        (the downsampled residual and the codebooks), so the codes of successive scales can sum
+        towards the latent and the residual shrinks scale by scale."""
         self._check_images(images)
         g = self.cfg.grid_size
         sem = self.semantic_proj(self.semantic_encoder.tokens(images))
         sem = sem.transpose(1, 2).reshape(images.shape[0], -1, g, g)
         pix_in = resize(images * 2.0 - 1.0, self.cfg.pixel_size, "bicubic")
         pix = self.quant_conv(self.pixel_encoder(pix_in))
-        return torch.cat([F.normalize(sem, dim=1), F.normalize(pix, dim=1)], dim=1)
+        return torch.cat([sem, pix], dim=1)
 
     def sample_drop_scale(self, generator: torch.Generator | None = None) -> int | None:
         """Training-time scale drop: with probability p, one random non-first scale index."""
@@ -108,13 +112,23 @@ class TokenFlowTokenizer(nn.Module):
             indices=q.indices,
             vq_loss=q.vq_loss,
             commit_loss=q.commit_loss,
+            profile=q.profile,
         )
+
+    @torch.no_grad()
+    def quantize(self, images: torch.Tensor) -> QuantizerOutput:
+        """Images [B,3,H,W] in [0,1] -> the quantizer's pass over all scales (no scale dropped)."""
+        return self.quantizer(self.latent(images))
+
+    @staticmethod
+    def flat_tokens(q: QuantizerOutput) -> torch.Tensor:
+        """A full pass's indices as [B, sum s^2], scale-major, row-major."""
+        return torch.cat(list(q.indices.values()), dim=1)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B,3,H,W] in [0,1] -> token indices [B, sum s^2], scale-major, row-major."""
-        q = self.quantizer(self.latent(images))
-        return torch.cat([q.indices[s] for s in self.quantizer.scales], dim=1)
+        return self.flat_tokens(self.quantize(images))
 
     def indices_to_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens [B, sum s^2] -> understanding input [B, g*g, Ds+Dp] (semantic first, then pixel)."""
