@@ -78,7 +78,7 @@ def exports(tmp_path_factory, corpus, tiny_tokenizer_path):
     torch.manual_seed(0)
     lm = build_language_model(lm_cfg, len(tok))
     start, end = tok.convert_tokens_to_ids(IMAGE_START), tok.convert_tokens_to_ids(IMAGE_END)
-    generator = _export(NextScaleGenerator(lm, codebook, start, end), lm,
+    generator = _export(NextScaleGenerator(lm, codebook, start, end, qk_norm=True), lm,
                         {"kind": "generator", "scales": scales, "image_start_id": start, "image_end_id": end},
                         root / "generator", tok)
     lm = build_language_model(lm_cfg, len(tok))

@@ -16,6 +16,11 @@ TINY_LM = LanguageModelConfig(architecture={
     "model_type": "qwen3", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
     "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 64, "max_position_embeddings": 256,
     "tie_word_embeddings": True}, attn_implementation="eager")
+# The same size as a Llama (no native QK-norm: the generator patches it in).
+TINY_LLAMA = LanguageModelConfig(architecture={
+    "model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 64, "max_position_embeddings": 256,
+    "tie_word_embeddings": True}, attn_implementation="eager")
 
 
 def test_block_causal_mask_sees_text_and_own_and_earlier_scales():
@@ -85,7 +90,8 @@ def _generator(tiny_config, seed: int = 0) -> NextScaleGenerator:
     torch.manual_seed(seed)
     tok = TokenFlowTokenizer(tiny_config, with_teacher=False)
     lm = build_language_model(TINY_LM, vocab_size=40)
-    return NextScaleGenerator(lm, CodebookFeatures.from_quantizer(tok.quantizer), image_start_id=4, image_end_id=5)
+    return NextScaleGenerator(lm, CodebookFeatures.from_quantizer(tok.quantizer), image_start_id=4, image_end_id=5,
+                              qk_norm=True)
 
 
 def test_scale_logits_match_the_teacher_forced_pass(tiny_config):
@@ -112,7 +118,7 @@ def test_generator_trains_and_ignores_later_scales(tiny_config):
     text = left_pad([[1, 7], [1]], pad_id=0)
     out = model(text, tokens)
     out.loss.backward()
-    assert model.image_inputs.feature_proj.weight.grad.abs().sum() > 0
+    assert model.image_inputs.feature_proj[0].weight.grad.abs().sum() > 0
     assert model.image_head.weight.grad.abs().sum() > 0
     # Changing the last scale's tokens cannot change any prediction (no scale sees its own tokens).
     changed = tokens.clone()
@@ -179,6 +185,22 @@ def test_sampler_cfg_ramp_rounds_and_greedy_last_round():
     strong = SamplingConfig(cfg_scale=100.0, top_k=(0,), top_p=(0.5,))
     tokens = sample_tokens(_KnownLogits(), text, empty, strong, torch.Generator().manual_seed(0))
     assert (tokens[0, 5:] == 3).all()
+
+
+def test_negative_prompt_is_the_unconditional_branch():
+    model = _KnownLogits()
+    seen = []
+    inner = model.scale_logits
+    model.scale_logits = lambda text, *a, **k: (seen.append(text), inner(text, *a, **k))[1]
+    text = left_pad([[1, 2, 3], [1, 4]], pad_id=0)
+    negative = left_pad([[1, 9, 9, 9, 9]], pad_id=0)  # wider than the prompts
+    sample_tokens(model, text, negative, SamplingConfig(cfg_scale=2.0, top_k=(1,), top_p=(0.0,)))
+    assert seen
+    for batch in seen:  # every call: the prompts (left-padded further), then one negative row per prompt
+        assert batch.ids.shape == (4, 5)
+        assert batch.ids[2:].tolist() == [[1, 9, 9, 9, 9]] * 2 and batch.mask[2:].all()
+        assert batch.ids[:2, -3:].tolist() == [[1, 2, 3], [0, 1, 4]]
+        assert batch.mask[:2].sum(1).tolist() == [3, 2]
 
 
 def test_sampler_runs_on_the_real_model(tiny_config):

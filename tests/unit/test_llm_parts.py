@@ -5,21 +5,22 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from tokenflow.data.examples import caption_examples, conversation_examples, conversation_turns, yes_no_turns
 from tokenflow.data.token_shards import TokenSample
 from tokenflow.models.generator import NextScaleGenerator
 from tokenflow.models.language_model import build_language_model
-from tokenflow.models.llm_weights import (TEXT_TOKENIZER_DIR, WEIGHTS_NAME, load_generator, load_understanding,
-                                          save_llm, save_text_tokenizer)
+from tokenflow.models.llm_weights import (TEXT_TOKENIZER_DIR, WEIGHTS_NAME, generator_meta, load_generator,
+                                          load_understanding, save_llm, save_text_tokenizer)
 from tokenflow.models.quantizer import CodebookFeatures
 from tokenflow.models.text import IMAGE_END, IMAGE_START, SPECIAL_TOKENS, train_bpe
 from tokenflow.models.tokenizer import TokenFlowTokenizer
 from tokenflow.models.understanding import IGNORE, UnderstandingModel, chat_batch
 from tokenflow.train.understanding_worker import parse_yes_no
 
-from tests.unit.test_generator import TINY_LM
+from tests.unit.test_generator import TINY_LLAMA, TINY_LM
 
 TEXTS = ["two red circles left of a blue square", "USER: Is there a green triangle?\nASSISTANT:", " Yes", " No",
          "one yellow square and a red circle"]
@@ -66,16 +67,17 @@ def test_parse_yes_no():
     assert [parse_yes_no(a) for a in ["Yes", "no.", " YES it is", "maybe", ""]] == ["yes", "no", "yes", None, None]
 
 
-def test_exports_round_trip(tmp_path, tiny_config):
+@pytest.mark.parametrize("lm_config", [TINY_LM, TINY_LLAMA], ids=["qwen3", "llama+qk_norm"])
+def test_exports_round_trip(tmp_path, tiny_config, lm_config):
     torch.manual_seed(0)
     codebook = CodebookFeatures.from_quantizer(TokenFlowTokenizer(tiny_config, with_teacher=False).quantizer)
     tok = train_bpe(TEXTS * 3, 300)
-    lm = build_language_model(TINY_LM, len(tok))
-    gen = NextScaleGenerator(lm, codebook, tok.convert_tokens_to_ids(IMAGE_START), tok.convert_tokens_to_ids(IMAGE_END))
+    lm = build_language_model(lm_config, len(tok))
+    gen = NextScaleGenerator(lm, codebook, tok.convert_tokens_to_ids(IMAGE_START), tok.convert_tokens_to_ids(IMAGE_END),
+                             qk_norm=True)
     out = tmp_path / "gen"
     save_text_tokenizer(tok, str(out / TEXT_TOKENIZER_DIR))
-    meta = {"kind": "generator", "scales": list(codebook.scales), "image_start_id": gen.image_start_id,
-            "image_end_id": gen.image_end_id, "attn_implementation": "eager", "lm_config": lm.config.to_dict()}
+    meta = {**generator_meta(gen, "eager"), "lm_config": lm.config.to_dict()}
     save_llm({k: v.clone() for k, v in gen.state_dict().items()}, meta, str(out / WEIGHTS_NAME))
     loaded, loaded_tok = load_generator(str(out))
     assert loaded_tok.get_vocab() == tok.get_vocab()

@@ -3,8 +3,8 @@ understanding model, and the untrained baselines both are compared with.
 
 Generation: a prompt's ``n`` images are one batch, sampled with a generator seeded from
 ``(seed, prompt index)``, so they depend on neither the other prompts nor their number. Prompts
-are tokenized as in training (``<s>`` + caption, cut to ``max_text_tokens``; the empty prompt
-``<s>`` is the unconditional input). A prompt whose sampling or decoding raises scores 0 on every
+are tokenized as in training (``<s>`` + caption, cut to ``max_text_tokens``); the sampling
+config's negative prompt (by default the empty prompt ``<s>``) is the unconditional input. A prompt whose sampling or decoding raises scores 0 on every
 one of its images, the error as the reason: failures are counted, never skipped.
 
 Understanding: each distinct image is decoded, preprocessed to the tokenizer's resolution and
@@ -32,7 +32,7 @@ from tokenflow.models.generator import NextScaleGenerator, TextBatch, left_pad
 from tokenflow.models.language_model import language_model_from_config
 from tokenflow.models.quantizer import CodebookFeatures
 from tokenflow.models.sampling import sample_tokens
-from tokenflow.models.text import encode_text
+from tokenflow.models.text import generation_prompt
 from tokenflow.models.tokenizer import TokenFlowTokenizer
 from tokenflow.models.understanding import UnderstandingModel
 from tokenflow.train.harness import seed_for
@@ -62,7 +62,7 @@ def untrained_like(model: LLM, seed: int) -> LLM:
         torch.manual_seed(seed)
         lm = language_model_from_config(lm_config.to_dict(), lm_config._attn_implementation)
         if isinstance(model, NextScaleGenerator):
-            fresh = NextScaleGenerator(lm, model.codebook, model.image_start_id, model.image_end_id)
+            fresh = NextScaleGenerator(lm, model.codebook, model.image_start_id, model.image_end_id, model.qk_norm)
         else:
             fresh = UnderstandingModel(lm, model.codebook, model.bos_id)
     return fresh.to(_device(model)).eval()
@@ -96,10 +96,11 @@ def sample_prompt_images(model: NextScaleGenerator, tok: PreTrainedTokenizerBase
                          max_text_tokens: int) -> torch.Tensor:
     """``n`` images ``[n, 3, S, S]`` in [0, 1] (CPU) for one prompt."""
     device = _device(model)
-    ids = [tok.bos_token_id] + encode_text(tok, prompt, max_text_tokens)[0]
-    text, empty = left_pad([ids] * n, tok.pad_token_id), left_pad([[tok.bos_token_id]], tok.pad_token_id)
+    ids = generation_prompt(tok, prompt, max_text_tokens)[0]
+    negative = generation_prompt(tok, sampling.negative_prompt, max_text_tokens)[0]
+    text, uncond = left_pad([ids] * n, tok.pad_token_id), left_pad([negative], tok.pad_token_id)
     tokens = sample_tokens(model, TextBatch(text.ids.to(device), text.mask.to(device)),
-                           TextBatch(empty.ids.to(device), empty.mask.to(device)), sampling,
+                           TextBatch(uncond.ids.to(device), uncond.mask.to(device)), sampling,
                            torch.Generator(device=device).manual_seed(seed))
     images = tokenizer.decode_indices(tokens.to(_device(tokenizer))).clamp(0, 1).cpu()
     if images.shape[0] != n:

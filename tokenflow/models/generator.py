@@ -5,16 +5,20 @@ Sequence layout (left-padded text so every sample's image block starts at the sa
     [pad ...] <s> caption tokens | scale 0 block | scale 1 block | ... | scale n-1 block | <eoi>
 
 Scale 0's block holds ``s0*s0`` positions fed the ``<boi>`` embedding; scale j's block holds
-``s_j*s_j`` positions fed the projected teacher-forcing features (codes accumulated over scales
-< j, area-downsampled to s_j) plus a level embedding and a learned per-position embedding. The
-hidden state of scale j's positions predicts scale j's tokens through the image head. Attention
-is block-causal (:func:`block_causal_mask`): text is causal, every image position sees the text
-and all positions of its own and earlier scales, never a later scale. The empty prompt
-(``<s>`` alone) is the unconditional input of classifier-free guidance.
+``s_j*s_j`` positions fed the teacher-forcing features (codes accumulated over scales < j,
+area-downsampled to s_j) through a 2-layer GELU MLP (the reference's ``mlp2x_gelu``), plus a
+level embedding and a learned per-position embedding. The hidden state of scale j's positions
+predicts scale j's tokens through the image head; the loss covers image tokens only (the
+reference's ``ignore_text_loss``). Attention is block-causal (:func:`block_causal_mask`): text
+is causal, every image position sees the text and all positions of its own and earlier scales,
+never a later scale. Training replaces a fraction of the captions by the empty prompt (``<s>``
+alone); sampling's unconditional branch is a configurable negative prompt (empty by default).
+With ``qk_norm`` an LM without native QK-norm (Llama) gets it, as the reference patches it in.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import torch
@@ -22,8 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from tokenflow.models.language_model import freeze_untied_output_head, hidden_size
+from tokenflow.models.language_model import add_qk_norm, freeze_untied_output_head, hidden_size
 from tokenflow.models.quantizer import CodebookFeatures
+
+log = logging.getLogger(__name__)
 
 
 class TextBatch(NamedTuple):
@@ -78,7 +84,7 @@ class ImageInputEmbedding(nn.Module):
     def __init__(self, feature_dim: int, width: int, scales: tuple[int, ...]):
         super().__init__()
         self.scales = scales
-        self.feature_proj = nn.Linear(feature_dim, width)
+        self.feature_proj = nn.Sequential(nn.Linear(feature_dim, width), nn.GELU(), nn.Linear(width, width))
         self.level = nn.Parameter(torch.randn(len(scales), width) * 0.02)
         self.position = nn.Parameter(torch.randn(sum(s * s for s in scales), width) * 0.02)
 
@@ -97,8 +103,11 @@ class NextScaleGenerator(nn.Module):
     """A causal LM with image input embeddings and an image head over the codebook."""
 
     def __init__(self, lm: PreTrainedModel, codebook: CodebookFeatures, image_start_id: int,
-                 image_end_id: int):
+                 image_end_id: int, qk_norm: bool):
         super().__init__()
+        if qk_norm and add_qk_norm(lm):
+            log.info("added QK-norm to %s's attention layers", type(lm).__name__)
+        self.qk_norm = qk_norm
         self.lm = lm
         self.codebook = codebook
         self.image_start_id, self.image_end_id = image_start_id, image_end_id

@@ -63,13 +63,21 @@ def _codebook(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> CodebookF
     return CodebookFeatures(tuple(meta["scales"]), state["codebook.semantic"], state["codebook.pixel"])
 
 
+def generator_meta(model: NextScaleGenerator, attn_implementation: str) -> dict[str, Any]:
+    """What :func:`load_generator` rebuilds a generator from (besides the LM's config)."""
+    return {"kind": "generator", "scales": list(model.scales), "image_start_id": model.image_start_id,
+            "image_end_id": model.image_end_id, "qk_norm": model.qk_norm,
+            "attn_implementation": attn_implementation}
+
+
 def load_generator(export_dir: str) -> tuple[NextScaleGenerator, PreTrainedTokenizerBase]:
     """The generator and its text tokenizer from a ``train_generator`` export directory."""
     state, meta = read_weights(storage.join(export_dir, WEIGHTS_NAME))
     if meta.get("kind") != "generator":
         raise ValueError(f"{export_dir}: not a generator export (kind {meta.get('kind')!r})")
     lm = language_model_from_config(meta["lm_config"], meta.get("attn_implementation", "sdpa"))
-    model = NextScaleGenerator(lm, _codebook(meta, state), meta["image_start_id"], meta["image_end_id"])
+    model = NextScaleGenerator(lm, _codebook(meta, state), meta["image_start_id"], meta["image_end_id"],
+                               meta["qk_norm"])
     model.load_state_dict(state, strict=True)
     return model.eval(), load_text_tokenizer_dir(storage.join(export_dir, TEXT_TOKENIZER_DIR))
 

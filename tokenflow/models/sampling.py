@@ -60,25 +60,26 @@ def sample_from(logits: torch.Tensor, top_k: int, top_p: float, temperature: flo
     return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
 
 
-def _with_unconditional(text: TextBatch, empty: TextBatch) -> TextBatch:
-    """Prompts followed by as many copies of the empty prompt (one batch of 2B)."""
-    width = max(text.ids.shape[1], empty.ids.shape[1])
+def _with_unconditional(text: TextBatch, negative: TextBatch) -> TextBatch:
+    """Prompts followed by as many copies of the negative prompt (one batch of 2B)."""
+    width = max(text.ids.shape[1], negative.ids.shape[1])
 
     def widen(batch: TextBatch) -> TextBatch:
         pad = width - batch.ids.shape[1]
         return TextBatch(F.pad(batch.ids, (pad, 0)), F.pad(batch.mask, (pad, 0)))
 
-    t, e = widen(text), widen(empty)
+    t, e = widen(text), widen(negative)
     b = text.ids.shape[0]
     return TextBatch(torch.cat([t.ids, e.ids.expand(b, -1)]), torch.cat([t.mask, e.mask.expand(b, -1)]))
 
 
 @torch.no_grad()
-def sample_tokens(model: ScaleModel, text: TextBatch, empty: TextBatch, cfg: SamplingConfig,
+def sample_tokens(model: ScaleModel, text: TextBatch, negative: TextBatch, cfg: SamplingConfig,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample image tokens [B, sum s^2] for prompts ``text``; ``empty`` is the one-row empty prompt."""
+    """Sample image tokens [B, sum s^2] for prompts ``text``; ``negative`` is the one-row prompt of
+    the unconditional branch (the empty prompt, or ``cfg.negative_prompt`` tokenized)."""
     b = text.ids.shape[0]
-    both = _with_unconditional(text, empty)
+    both = _with_unconditional(text, negative)
     n = len(model.scales)
     scale_tokens: list[torch.Tensor] = []
     for i in range(n):

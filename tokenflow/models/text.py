@@ -61,3 +61,10 @@ def encode_text(tok: PreTrainedTokenizerBase, text: str, max_tokens: int) -> tup
     """Token ids of ``text`` (no special tokens), cut to ``max_tokens``; second: was it cut."""
     ids = tok(text, add_special_tokens=False)["input_ids"]
     return ids[:max_tokens], len(ids) > max_tokens
+
+
+def generation_prompt(tok: PreTrainedTokenizerBase, text: str, max_tokens: int) -> tuple[list[int], bool]:
+    """The generator's text input: ``<s>`` then ``text``'s ids cut to ``max_tokens`` (``<s>``
+    alone for the empty prompt); second: was it cut."""
+    ids, cut = encode_text(tok, text, max_tokens) if text else ([], False)
+    return [tok.bos_token_id] + ids, cut
