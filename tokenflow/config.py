@@ -164,6 +164,15 @@ class LossWeightsConfig(StrictModel):
     vq: float = Field(1.0, ge=0.0)
 
 
+class TokenizerView(StrictModel):
+    """A trained tokenizer used at another resolution, as the reference's text-to-image model
+    uses TokenFlow-B (trained at 224 px, 14x14) at 256 px with a 16x16 last scale: the image size
+    and scales replace the trained ones and the position embeddings are interpolated."""
+
+    image_size: int = Field(gt=0)
+    scales: tuple[int, ...]
+
+
 class TokenizerConfig(StrictModel):
     """The whole TokenFlow tokenizer."""
 
@@ -190,6 +199,16 @@ class TokenizerConfig(StrictModel):
     @property
     def pixel_size(self) -> int:
         return self.pixel_image_size or self.image_size
+
+    def at_view(self, view: TokenizerView) -> "TokenizerConfig":
+        """This tokenizer at ``view``'s image size and scales (validated like any config)."""
+        grid = view.image_size // self.semantic_encoder.patch_size
+        data = self.model_dump(mode="json")
+        data["image_size"] = view.image_size
+        if self.pixel_image_size is not None:
+            data["pixel_image_size"] = grid * self.pixel_codec.downsample_factor
+        data["quantizer"]["scales"] = list(view.scales)
+        return TokenizerConfig.model_validate(data)
 
     @model_validator(mode="after")
     def _shapes_agree(self) -> "TokenizerConfig":
@@ -344,6 +363,26 @@ class TrainTokenizerConfig(TrainingConfig):
     max_image_pixels: int = Field(64_000_000, gt=0)
 
 
+class FinetuneDecoderConfig(TrainTokenizerConfig):
+    """The reference's second tokenizer phase: only the pixel decoder trains (pixel losses, the
+    discriminator from ``tokenizer.discriminator.start_step``); encoders, quantizer and
+    codebooks are frozen, so token ids never change. A wider decoder ("enhanced": 256 channels,
+    4 blocks per level in TokenFlow-B) starts from scratch; the trained width starts from the
+    trained decoder."""
+
+    decoder_ch: int | None = Field(default=None, gt=0, description="Decoder base width; None: "
+                                   "the tokenizer's.")
+    decoder_num_res_blocks: int | None = Field(default=None, gt=0, description="Decoder blocks per "
+                                               "level; None: the tokenizer's.")
+
+    def tokenizer_config(self, trained: TokenizerConfig) -> TokenizerConfig:
+        """The trained tokenizer's config with this stage's decoder."""
+        codec = trained.pixel_codec.model_copy(update={
+            "decoder_ch": self.decoder_ch or trained.pixel_codec.decoder_ch,
+            "decoder_num_res_blocks": self.decoder_num_res_blocks or trained.pixel_codec.decoder_num_res_blocks})
+        return trained.model_copy(update={"pixel_codec": codec})
+
+
 class LanguageModelConfig(StrictModel):
     """A transformers causal LM: pretrained from a path/hub id, or built from ``architecture``."""
 
@@ -376,6 +415,8 @@ class SamplingConfig(StrictModel):
     top_k: tuple[int, ...] = Field((1200, 100, 1), min_length=1, description="Per round; 0 = off.")
     top_p: tuple[float, ...] = Field((0.8, 0.8, 0.0), min_length=1, description="Per round; 0 = off.")
     temperature: float = Field(1.0, gt=0.0)
+    negative_prompt: str = Field("", description="Text of the unconditional branch of guidance; "
+                                 "empty: the empty prompt the generator was trained with.")
 
     @model_validator(mode="after")
     def _rounds_agree(self) -> "SamplingConfig":
@@ -390,6 +431,11 @@ class TrainGeneratorConfig(TrainingConfig):
     """Text-to-image next-scale prediction in a causal LM, trained on token shards."""
 
     language_model: LanguageModelConfig
+    tokenizer_view: TokenizerView | None = Field(
+        default=None, description="Tokenize the generator's corpus at this image size and scales "
+        "(its own pretokenize_generation stage); None: the tokenizer as trained.")
+    qk_norm: bool = Field(True, description="Per-head RMSNorm on queries and keys, as the reference "
+                          "patches into Llama; LMs with native QK-norm (Qwen3) keep theirs.")
     cond_drop_prob: float = Field(0.1, ge=0.0, lt=1.0, description="Caption replaced by the "
                                   "empty prompt (classifier-free guidance training).")
     sampling: SamplingConfig = SamplingConfig()
@@ -519,10 +565,23 @@ class TokenFlowConfig(StrictModel):
     corpus: CorpusConfig = CorpusConfig()
     pretokenize: PretokenizeConfig = PretokenizeConfig()
     train_tokenizer: TrainTokenizerConfig = Field(default_factory=TrainTokenizerConfig)
+    finetune_decoder: FinetuneDecoderConfig | None = None
     train_generator: TrainGeneratorConfig | None = None
     train_understanding: TrainUnderstandingConfig | None = None
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _generation_view_valid(self) -> "TokenFlowConfig":
+        """The generator's tokenizer view must give a valid tokenizer (grid and scales agree)."""
+        view = self.train_generator.tokenizer_view if self.train_generator is not None else None
+        if view is not None:
+            try:
+                self.tokenizer.at_view(view)
+            except ValidationError as exc:
+                problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+                raise ValueError(f"train_generator.tokenizer_view: {problems}") from None
+        return self
 
 
 # --------------------------------------------------------------------------- loading

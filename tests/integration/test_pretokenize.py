@@ -197,3 +197,28 @@ def test_killed_driver_then_rerun_is_byte_identical(tiny_tokenizer_path, tmp_pat
     subprocess.run(_pretokenize_cmd(corpus_dir, tiny_tokenizer_path, killed), env=env, check=True,
                    capture_output=True)
     assert _file_tree(killed) == _file_tree(clean)
+
+
+def test_a_tokenizer_view_makes_its_own_token_shards(ray_local, tmp_path, tiny_tokenizer_path):
+    """The generation view (here 72 px with a 9x9 last scale, as TokenFlow-B at 256 px): every
+    shard holds the view's token count, the manifest names the view, and the encoding identity
+    differs from the trained view's."""
+    import torch
+
+    from tokenflow.config import TokenizerView
+    from tokenflow.models.weights import load_tokenizer
+
+    splits = write_shapes_corpus(str(tmp_path / "corpus"), num_samples=24, shard_size=12, seed=1)
+    manifest = corpus_manifest({n: [index_shard(u) for u in urls] for n, urls in splits.items()}, {"kind": "shapes"})
+    cfg = PretokenizeConfig(batch_size=8, micro_batch=4, num_actors=1)
+    view = TokenizerView(image_size=72, scales=(1, 2, 3, 4, 6, 8, 9))
+    viewed = run_pretokenize(manifest, str(tiny_tokenizer_path), str(tmp_path / "view"), cfg, view)
+    plain = run_pretokenize(manifest, str(tiny_tokenizer_path), str(tmp_path / "plain"), cfg)
+    assert viewed["scales"] == [1, 2, 3, 4, 6, 8, 9] and plain["scales"] == [1, 2, 3, 4, 6, 8]
+    assert viewed["tokenizer_view"] == {"image_size": 72, "scales": [1, 2, 3, 4, 6, 8, 9]}
+    assert plain["tokenizer_view"] is None and viewed["encoding_hash"] != plain["encoding_hash"]
+    samples = list(iter_token_samples([str(tmp_path / "view" / e["path"]) for e in viewed["splits"]["train"]["shards"]]))
+    assert len(samples) == viewed["splits"]["train"]["rows"] and all(s.tokens.shape == (211,) for s in samples)
+    tokens = torch.from_numpy(np.stack([s.tokens for s in samples[:2]])).long()
+    decoded = load_tokenizer(tiny_tokenizer_path, view=view).decode_indices(tokens)
+    assert decoded.shape == (2, 3, 72, 72)

@@ -133,3 +133,39 @@ def test_corrupt_optimizer_state_fails_loudly(ray_local, corpus, tmp_path):
     optim.unlink()
     with pytest.raises(Exception, match="optimizer state missing"):
         run_train_tokenizer(longer, _manifest(corpus), str(out))
+
+
+def test_decoder_finetune_stage_trains_only_the_decoder(ray_local, corpus, tmp_path):
+    """The finetune_decoder stage on the trained export: an enhanced (wider) pixel decoder trains
+    on the pixel losses alone; every other tensor, and so every token, is the trained export's."""
+    import torch
+
+    from tokenflow.models.weights import load_tokenizer
+    from tokenflow.stages.train_tokenizer import run_finetune_decoder
+
+    out = tmp_path / "tokenizer"
+    store = [f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    trained = run_train_tokenizer(load_config(TINY, [*FAST, *store, "train_tokenizer.steps=2"]), _manifest(corpus),
+                                  str(out))
+    tune = ["finetune_decoder={steps: 3, checkpoint_every: 3, num_workers: 2, cpus_per_worker: 0.5, "
+            "micro_batch_size: 2, log_every: 1, image_every: 3, heldout_images: 4, decoder_ch: 32}"]
+    cfg = load_config(TINY, [*FAST, *store, *tune])
+    tuned = run_finetune_decoder(cfg, _manifest(corpus), str(out / "tokenizer.safetensors"),
+                                 trained["tokenizer"]["sha256"], str(tmp_path / "decoder"))
+    assert tuned["inputs"]["tokenizer"] == trained["tokenizer"]["sha256"]
+    base = load_tokenizer(out / "tokenizer.safetensors")
+    model = load_tokenizer(tmp_path / "decoder" / "tokenizer.safetensors")
+    assert model.cfg.pixel_codec.decoder_ch == 32 and base.cfg.pixel_codec.decoder_ch is None
+    base_state, state = base.state_dict(), model.state_dict()
+    for key, value in state.items():
+        if not key.startswith("pixel_decoder."):
+            assert torch.equal(value, base_state[key]), key
+    images = torch.rand(3, 3, 64, 64)
+    assert torch.equal(model.encode(images), base.encode(images))
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(tuned["mlflow_run_id"])
+    assert run.data.params["finetune_decoder.decoder_ch"] == "32"
+    assert len(client.get_metric_history(run.info.run_id, "loss/l2")) == 3
+    assert not client.get_metric_history(run.info.run_id, "loss/semantic")  # the pixel terms only
+    assert client.get_metric_history(run.info.run_id, "heldout_psnr")

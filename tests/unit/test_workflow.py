@@ -9,7 +9,7 @@ import pytest
 from tokenflow import storage
 from tokenflow.config import load_config
 from tokenflow.workflow.durable import StageOutput, code_version, config_subset
-from tokenflow.workflow.pipeline import downstream
+from tokenflow.workflow.pipeline import downstream, stages
 from tokenflow.workflow.runner import PlanError, describe, plan
 
 from tests.conftest import REPO
@@ -42,6 +42,43 @@ def test_a_config_change_reruns_exactly_the_dependants(tmp_path):
         assert changed == expected, override
 
 
+FINETUNE = "finetune_decoder={steps: 50, decoder_ch: 32, lr_schedule: {warmup_steps: 5}}"
+VIEW = "train_generator.tokenizer_view={image_size: 72, scales: [1, 2, 3, 4, 6, 8, 9]}"
+
+
+def test_a_decoder_finetune_reruns_the_decoding_evaluations_only(tmp_path):
+    """Tokens do not depend on the fine-tuned decoder: adding the stage changes no token shard
+    or LLM stage identity, only the evaluations that decode with its export."""
+    base = _hashes(tmp_path)
+    tuned = _hashes(tmp_path, FINETUNE)
+    assert set(tuned) == set(base) | {"finetune_decoder"}
+    assert {n for n in base if tuned[n] != base[n]} == {"eval_reconstruction", "eval_generation"}
+    again = _hashes(tmp_path, FINETUNE, "finetune_decoder.steps=60")
+    assert {n for n in tuned if again[n] != tuned[n]} == {"finetune_decoder", "eval_reconstruction",
+                                                          "eval_generation"}
+
+
+def test_a_generation_view_adds_its_own_token_shards(tmp_path):
+    cfg = load_config(SMOKE, [VIEW])
+    specs = {s.name: s for s in stages(cfg)}
+    assert specs["train_generator"].inputs == ("pretokenize_generation", "train_tokenizer")
+    assert specs["train_understanding"].inputs == ("pretokenize", "train_tokenizer")
+    base, viewed = _hashes(tmp_path), _hashes(tmp_path, VIEW)
+    assert set(viewed) == set(base) | {"pretokenize_generation"}
+    assert {n for n in base if viewed[n] != base[n]} == {"train_generator", "eval_generation"}
+
+
+def test_stages_without_their_section_are_left_out(tmp_path):
+    data = load_config(SMOKE).model_dump(mode="json")
+    data.pop("train_generator")
+    from tokenflow.config import validate
+
+    names = [p.name for p in plan(validate(data), str(tmp_path))]
+    assert "train_generator" not in names and "eval_generation" not in names and "train_understanding" in names
+    with pytest.raises(PlanError, match="no stage 'train_generator'"):
+        plan(validate(data), str(tmp_path), only="train_generator")
+
+
 def test_identity_covers_code_and_is_stable(tmp_path):
     assert _hashes(tmp_path) == _hashes(tmp_path)
     assert len(code_version()) == 64
@@ -67,7 +104,7 @@ def test_complete_stages_are_cached_and_partial_runs_need_their_inputs(tmp_path)
 
 
 def test_downstream_and_output_layout(tmp_path):
-    assert downstream({"train_generator"}) == {"train_generator", "eval_generation"}
+    assert downstream(stages(load_config(SMOKE)), {"train_generator"}) == {"train_generator", "eval_generation"}
     out = StageOutput.under(str(tmp_path), "corpus", "ab" * 32)
     assert out.url.endswith("corpus/" + "ab" * 6) and not out.complete()
     storage.write_json_atomic(out.manifest_url, {"ok": 1})
@@ -87,8 +124,31 @@ def test_full_py_validates_the_config_before_any_cluster_work(tmp_path):
     assert dry.stdout.count(" run ") == 8 and not (tmp_path / "corpus").exists()
 
 
-@pytest.mark.parametrize("name", ["smoke", "tokenflow-b", "tokenflow-xl"])
-def test_every_pipeline_config_validates_and_plans(name, tmp_path):
+@pytest.mark.parametrize("name,count", [("smoke", 8), ("tokenflow-b", 10), ("tokenflow-xl", 9)])
+def test_every_pipeline_config_validates_and_plans(name, count, tmp_path):
     cfg = load_config(REPO / "configs" / "pipelines" / f"{name}.yaml")
     assert cfg.train_generator is not None and cfg.train_understanding is not None
-    assert [p.status for p in plan(cfg, str(tmp_path))] == ["run"] * 8
+    assert [p.status for p in plan(cfg, str(tmp_path))] == ["run"] * count
+
+
+def test_tokenflow_b_understands_at_224_and_generates_at_256():
+    """The reference's two uses of TokenFlow-B: 224 px / 561 tokens for understanding, 256 px with
+    an interpolated 16x16 last scale / 817 tokens for text-to-image."""
+    cfg = load_config(REPO / "configs" / "pipelines" / "tokenflow-b.yaml")
+    assert (cfg.tokenizer.image_size, cfg.tokenizer.quantizer.num_tokens) == (224, 561)
+    generation = cfg.tokenizer.at_view(cfg.train_generator.tokenizer_view)
+    assert (generation.image_size, generation.grid_size, generation.quantizer.num_tokens) == (256, 16, 817)
+    assert generation.quantizer.scales == (1, 2, 4, 6, 8, 10, 12, 14, 16)
+    t = cfg.train_generator  # the reference's t2i optimisation
+    assert (t.lr, t.lr_schedule.warmup_steps, t.lr_schedule.decay, t.weight_decay, t.grad_clip) == (
+        5e-4, 5000, "constant", 0.1, 0.5)
+    assert t.language_model.max_text_tokens == 128 and t.deepspeed.endswith("bf16") and t.qk_norm
+    tuned = cfg.finetune_decoder.tokenizer_config(cfg.tokenizer)
+    assert (tuned.pixel_codec.decoder_ch, tuned.pixel_codec.decoder_num_res_blocks) == (256, 4)
+
+
+def test_a_view_that_does_not_fit_the_grid_is_rejected_before_any_work():
+    from tokenflow.config import ConfigError
+
+    with pytest.raises(ConfigError, match="tokenizer_view: the last quantizer scale must equal the latent grid 9"):
+        load_config(SMOKE, ["train_generator.tokenizer_view={image_size: 72, scales: [1, 2, 4, 8]}"])

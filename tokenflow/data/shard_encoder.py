@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 
 from tokenflow import storage
-from tokenflow.config import config_hash
+from tokenflow.config import TokenizerView, config_hash
 from tokenflow.data.corpus import iter_shard
 from tokenflow.data.decode import DecodeError, decode_image, preprocess, sha256_hex
 from tokenflow.data.manifest import ShardRecord
@@ -42,10 +42,11 @@ def quarantine_part_url(out_url: str, split: str, shard_name: str) -> str:
     return storage.join(out_url, "_quarantine", split, f"{stem}.parquet")
 
 
-def encoding_hash(tokenizer_digest: str, micro_batch: int) -> str:
+def encoding_hash(tokenizer_digest: str, micro_batch: int, view: TokenizerView | None = None) -> str:
     """Identity of an encoding: equal hashes give equal tokens for equal image bytes."""
     return config_hash({"tokenizer": tokenizer_digest, "micro_batch": micro_batch,
-                        "preprocess": PREPROCESS_VERSION})
+                        "preprocess": PREPROCESS_VERSION,
+                        "view": view.model_dump(mode="json") if view is not None else None})
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,11 @@ class ShardEncoder:
 
     def __init__(self, tokenizer_url: str, out_url: str, batch_size: int, micro_batch: int,
                  device: str = "cpu", max_pixels: int = 64_000_000, compression: str = "zstd",
-                 allow_tf32: bool = False, cache_dir: str = storage.CACHE_ROOT):
+                 allow_tf32: bool = False, cache_dir: str = storage.CACHE_ROOT,
+                 view: TokenizerView | None = None):
         path = storage.local_path(tokenizer_url, cache_dir)
         self.tokenizer_digest = file_sha256(path)
-        model = load_tokenizer(path, map_location=device)
+        model = load_tokenizer(path, map_location=device, view=view)
         model.teacher = None  # inference only
         self.model: TokenFlowTokenizer = model.eval()
         self.out_url = out_url
@@ -77,7 +79,7 @@ class ShardEncoder:
         self.device = torch.device(device)
         self.max_pixels = max_pixels
         self.compression = compression
-        self.encoding_hash = encoding_hash(self.tokenizer_digest, micro_batch)
+        self.encoding_hash = encoding_hash(self.tokenizer_digest, micro_batch, view)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = allow_tf32
             torch.backends.cudnn.allow_tf32 = allow_tf32

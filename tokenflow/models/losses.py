@@ -29,6 +29,28 @@ class TokenizerLoss(nn.Module):
     def gan_active(self, step: int) -> bool:
         return self.weights.gan > 0 and step >= self.gan_start
 
+    def pixel_terms(
+        self,
+        images: torch.Tensor,
+        reconstruction: torch.Tensor,
+        step: int,
+        discriminator: nn.Module | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The pixel decoder's terms (L2, perceptual, adversarial from ``gan_start``); ``total``
+        is their weighted sum. ``images`` in [0, 1], ``reconstruction`` in [-1, 1]."""
+        target = images * 2.0 - 1.0
+        w = self.weights
+        terms = {"l2": F.mse_loss(reconstruction, target)}
+        total = w.l2 * terms["l2"]
+        if self.perceptual is not None and w.perceptual > 0:
+            terms["perceptual"] = self.perceptual(reconstruction, target)
+            total = total + w.perceptual * terms["perceptual"]
+        if discriminator is not None and self.gan_active(step):
+            terms["gan"] = hinge_g_loss(discriminator(reconstruction))
+            total = total + w.gan * terms["gan"]
+        terms["total"] = total
+        return terms
+
     def generator_terms(
         self,
         images: torch.Tensor,
@@ -36,25 +58,15 @@ class TokenizerLoss(nn.Module):
         step: int,
         discriminator: nn.Module | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Loss terms for the tokenizer; ``total`` is their weighted sum. ``images`` in [0, 1]."""
+        """Loss terms for the tokenizer: the pixel terms plus semantic distillation and the VQ
+        terms; ``total`` is their weighted sum. ``images`` in [0, 1]."""
         if out.semantic_target is None:
             raise ValueError("training needs the frozen teacher (build the tokenizer with_teacher=True)")
-        target = images * 2.0 - 1.0
         w = self.weights
-        terms = {
-            "l2": F.mse_loss(out.reconstruction, target),
-            "semantic": semantic_distillation_loss(out.semantic_prediction, out.semantic_target),
-            "vq": out.vq_loss,
-            "commit": out.commit_loss,
-        }
-        total = w.l2 * terms["l2"] + w.semantic * terms["semantic"] + w.vq * (terms["vq"] + terms["commit"])
-        if self.perceptual is not None and w.perceptual > 0:
-            terms["perceptual"] = self.perceptual(out.reconstruction, target)
-            total = total + w.perceptual * terms["perceptual"]
-        if discriminator is not None and self.gan_active(step):
-            terms["gan"] = hinge_g_loss(discriminator(out.reconstruction))
-            total = total + w.gan * terms["gan"]
-        terms["total"] = total
+        terms = self.pixel_terms(images, out.reconstruction, step, discriminator)
+        terms["semantic"] = semantic_distillation_loss(out.semantic_prediction, out.semantic_target)
+        terms["vq"], terms["commit"] = out.vq_loss, out.commit_loss
+        terms["total"] = terms["total"] + w.semantic * terms["semantic"] + w.vq * (terms["vq"] + terms["commit"])
         return terms
 
     def discriminator_loss(

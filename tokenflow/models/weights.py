@@ -10,7 +10,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tokenflow.config import TokenizerConfig, canonical_json
+import torch.nn.functional as F
+
+from tokenflow.config import TokenizerConfig, TokenizerView, canonical_json
 from tokenflow.models.tokenizer import TokenFlowTokenizer
 
 FORMAT = "tokenflow-tokenizer/1"
@@ -68,16 +70,79 @@ def read_tokenizer_config(path: str | Path) -> TokenizerConfig:
     return TokenizerConfig.model_validate(info["config"])
 
 
-def load_tokenizer(path: str | Path, map_location: str | torch.device = "cpu") -> TokenFlowTokenizer:
-    """Rebuild a tokenizer from a file written by :func:`save_tokenizer` (strict key match)."""
+_PIXEL_DECODER_PREFIX = "pixel_decoder."
+
+
+def start_decoder_finetune(model: TokenFlowTokenizer, trained_path: str | Path) -> bool:
+    """Load a trained tokenizer export into ``model`` for the decoder-only fine-tune and freeze
+    everything but the pixel decoder. Every other tensor must match the export exactly (so the
+    tokens cannot change); a pixel decoder of the trained shape starts from the trained weights,
+    a different one (the enhanced decoder) from its fresh initialisation. Returns whether the
+    decoder was loaded."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(trained_path))
+    expected = model.state_dict()
+    decoder = {k: v for k, v in state.items() if k.startswith(_PIXEL_DECODER_PREFIX)}
+    same_decoder = (decoder.keys() == {k for k in expected if k.startswith(_PIXEL_DECODER_PREFIX)}
+                    and all(v.shape == expected[k].shape for k, v in decoder.items()))
+    if not same_decoder:
+        state = {k: v for k, v in state.items() if not k.startswith(_PIXEL_DECODER_PREFIX)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if same_decoder or not k.startswith(_PIXEL_DECODER_PREFIX)]
+    if missing or unexpected:
+        raise ValueError(f"{trained_path} does not fit this tokenizer: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    model.requires_grad_(False)
+    model.pixel_decoder.requires_grad_(True)
+    return same_decoder
+
+
+def _grid_split(length: int) -> tuple[int, int] | None:
+    """``(prefix tokens, grid side)`` of a position table of ``length`` rows (0 or 1 prefix)."""
+    for prefix in (1, 0):
+        side = round((length - prefix) ** 0.5)
+        if side > 0 and side * side == length - prefix:
+            return prefix, side
+    return None
+
+
+def resize_grid_embedding(table: torch.Tensor, length: int) -> torch.Tensor:
+    """A position table ``[..., prefix + g*g, W]`` resized to ``length`` rows: the prefix rows
+    (a class token's) kept, the g x g grid rows interpolated bicubically to the new grid."""
+    old, new = _grid_split(table.shape[-2]), _grid_split(length)
+    if old is None or new is None or old[0] != new[0]:
+        raise ValueError(f"cannot resize a {table.shape[-2]}-row position table to {length} rows")
+    prefix, side = old
+    lead, width = table.shape[:-2], table.shape[-1]
+    flat = table.reshape(-1, table.shape[-2], width)
+    grid = flat[:, prefix:].reshape(-1, side, side, width).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new[1], new[1]), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(flat.shape[0], -1, width).to(table.dtype)
+    return torch.cat([flat[:, :prefix], grid], dim=1).reshape(*lead, length, width)
+
+
+def load_tokenizer(path: str | Path, map_location: str | torch.device = "cpu",
+                   view: TokenizerView | None = None) -> TokenFlowTokenizer:
+    """Rebuild a tokenizer from a file written by :func:`save_tokenizer` (strict key match).
+
+    With ``view`` the tokenizer is rebuilt at the view's image size and scales, its position
+    embeddings (semantic tower, semantic decoder) interpolated to the new grid; every other
+    tensor, the codebooks included, loads unchanged."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer weights not found: {path}")
     cfg = read_tokenizer_config(path)
+    if view is not None:
+        cfg = cfg.at_view(view)
     state = load_file(str(path), device=str(map_location))
     with_teacher = any(k.startswith(_TEACHER_PREFIX) for k in state)
     model = TokenFlowTokenizer(cfg, with_teacher=with_teacher)
+    if view is not None:
+        expected = model.state_dict()
+        state = {k: resize_grid_embedding(v, expected[k].shape[-2])
+                 if k in expected and v.shape != expected[k].shape else v for k, v in state.items()}
     model.load_state_dict(state, strict=True)
     return model.to(map_location)

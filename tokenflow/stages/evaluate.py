@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from tokenflow import storage
-from tokenflow.config import ConfigError, GenerationEvalConfig, TokenFlowConfig, config_hash
+from tokenflow.config import ConfigError, GenerationEvalConfig, TokenFlowConfig, TokenizerView, config_hash
 from tokenflow.data.corpus import RawSample, iter_shard
 from tokenflow.data.decode import DecodeError, decode_image, preprocess
 from tokenflow.data.manifest import file_digest, manifest_digest, shard_records
@@ -116,17 +116,19 @@ def _device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def _tokenizer(tokenizer_url: str, device: torch.device) -> tuple[TokenFlowTokenizer, str]:
-    """The tokenizer export on ``device`` and its sha256."""
+def _tokenizer(tokenizer_url: str, device: torch.device, view: TokenizerView | None = None
+               ) -> tuple[TokenFlowTokenizer, str]:
+    """The tokenizer export on ``device`` (at ``view`` when given) and its sha256."""
     path = storage.local_path(tokenizer_url)
-    return load_tokenizer(path, device).eval(), file_sha256(path)
+    return load_tokenizer(path, device, view).eval(), file_sha256(path)
 
 
-def _model_under_test(cfg: TokenFlowConfig, tokenizer_url: str, model_dir: str, load: Callable[[str], tuple]):
-    """(device, tokenizer, its digest, the exported LLM model, its text tokenizer, the untrained
-    baseline of the same architecture), after checking the model reads this tokenizer's codes."""
+def _model_under_test(cfg: TokenFlowConfig, tokenizer_url: str, model_dir: str, load: Callable[[str], tuple],
+                      view: TokenizerView | None = None):
+    """(device, tokenizer at ``view``, its digest, the exported LLM model, its text tokenizer, the
+    untrained baseline of the same architecture), after checking the model reads these codes."""
     device = _device(cfg.eval.device)
-    tokenizer, tokenizer_digest = _tokenizer(tokenizer_url, device)
+    tokenizer, tokenizer_digest = _tokenizer(tokenizer_url, device, view)
     model, tok = load(model_dir)
     model.to(device)
     check_codebook(model.codebook, tokenizer, model_dir)
@@ -275,7 +277,7 @@ def run_eval_generation(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any], g
     if t is None:
         raise ConfigError("eval_generation needs the train_generator section (prompt length, sampling)")
     device, tokenizer, tokenizer_digest, model, tok, baseline = _model_under_test(
-        cfg, tokenizer_url, generator_dir, load_generator)
+        cfg, tokenizer_url, generator_dir, load_generator, t.tokenizer_view)
 
     prompts_url = storage.join(out_url, PROMPTS_NAME)
     inputs = {"tokenizer": tokenizer_digest, "generator": file_digest(storage.join(generator_dir, WEIGHTS_NAME))[1]}

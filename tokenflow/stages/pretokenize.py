@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokenflow import storage
-from tokenflow.config import PretokenizeConfig
+from tokenflow.config import PretokenizeConfig, TokenizerView
 from tokenflow.data.manifest import ShardRecord, file_digest, manifest_digest, shard_records
 from tokenflow.data.shard_encoder import (ShardEncoder, encoding_hash, quarantine_part_url,
                                           token_shard_url)
@@ -61,8 +61,9 @@ def _resolve_gpus(cfg: PretokenizeConfig) -> float:
 
 
 def run_pretokenize(corpus_manifest: dict[str, Any], tokenizer_url: str, out_url: str,
-                    cfg: PretokenizeConfig) -> dict[str, Any]:
-    """Tokenize every shard of every split of a corpus into ``out_url``; returns the manifest."""
+                    cfg: PretokenizeConfig, view: TokenizerView | None = None) -> dict[str, Any]:
+    """Tokenize every shard of every split of a corpus into ``out_url`` (with the tokenizer at
+    ``view`` when given); returns the manifest."""
     import ray
 
     items = [{"split": split, **asdict(r)} for split in corpus_manifest["splits"]
@@ -76,7 +77,7 @@ def run_pretokenize(corpus_manifest: dict[str, Any], tokenizer_url: str, out_url
         fn_constructor_kwargs=dict(
             tokenizer_url=tokenizer_url, out_url=out_url, batch_size=cfg.batch_size,
             micro_batch=cfg.micro_batch, max_pixels=cfg.max_image_pixels,
-            compression=cfg.compression, allow_tf32=cfg.allow_tf32, use_gpu=gpus > 0),
+            compression=cfg.compression, allow_tf32=cfg.allow_tf32, use_gpu=gpus > 0, view=view),
         batch_size=1,
         concurrency=cfg.num_actors,
         num_cpus=cfg.cpus_per_actor,
@@ -89,11 +90,11 @@ def run_pretokenize(corpus_manifest: dict[str, Any], tokenizer_url: str, out_url
     log.info("pretokenize: %d shards encoded (%d already done), %d samples in %.1fs (%.1f samples/s), "
              "%d quarantined", len(done), len(results) - len(done), rows, elapsed,
              rows / max(elapsed, 1e-9), sum(r["quarantined"] for r in done))
-    return finalize(corpus_manifest, out_url, tokenizer_url, cfg)
+    return finalize(corpus_manifest, out_url, tokenizer_url, cfg, view)
 
 
 def finalize(corpus_manifest: dict[str, Any], out_url: str, tokenizer_url: str,
-             cfg: PretokenizeConfig) -> dict[str, Any]:
+             cfg: PretokenizeConfig, view: TokenizerView | None = None) -> dict[str, Any]:
     """Reconcile every shard with the corpus, merge the quarantine, write the manifest last."""
     from tokenflow.models.weights import file_sha256
 
@@ -137,7 +138,8 @@ def finalize(corpus_manifest: dict[str, Any], out_url: str, tokenizer_url: str,
         "kind": "token_shards",
         "schema_version": SCHEMA_VERSION,
         "inputs": {"corpus_manifest": manifest_digest(corpus_manifest), "tokenizer": tokenizer_digest},
-        "encoding_hash": encoding_hash(tokenizer_digest, cfg.micro_batch),
+        "encoding_hash": encoding_hash(tokenizer_digest, cfg.micro_batch, view),
+        "tokenizer_view": view.model_dump(mode="json") if view is not None else None,
         "scales": list(first_info.scales) if first_info else [],
         "codebook_size": first_info.codebook_size if first_info else None,
         "splits": splits,

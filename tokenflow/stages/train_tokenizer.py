@@ -1,6 +1,8 @@
-"""The tokenizer training stage: Ray Train ``TorchTrainer`` workers running DeepSpeed engines.
+"""The tokenizer training stages: Ray Train ``TorchTrainer`` workers running DeepSpeed engines.
 
-Outputs under ``out_url``: Ray Train's run directory ``train/`` (checkpoints), the inference
+``train_tokenizer`` trains the whole tokenizer; ``finetune_decoder`` (optional) then trains only
+the pixel decoder of its export, every other weight frozen, so the tokens are unchanged. Both
+write, under ``out_url``: Ray Train's run directory ``train/`` (checkpoints), the inference
 export ``tokenizer.safetensors``, ``quarantine.json`` (samples that could not be decoded) and
 ``_MANIFEST.json`` (written last). Starting the stage again with the same ``out_url`` resumes
 from the latest checkpoint (Ray Train restores a run by its storage path and name) and keeps
@@ -9,42 +11,57 @@ logging into the same MLflow run.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from tokenflow import storage
-from tokenflow.config import TokenFlowConfig
+from tokenflow.config import ConfigError, TokenFlowConfig
 from tokenflow.data.manifest import file_digest, manifest_digest, shard_records
 from tokenflow.data.token_shards import MANIFEST_NAME
 from tokenflow.stages.training import fit, resolve_use_gpu
 from tokenflow.workflow.tracking import start_stage_run
 
-log = logging.getLogger(__name__)
-
-STAGE = "train_tokenizer"
 TRAIN_RUN_NAME = "train"
+EXPORT_NAME = "tokenizer.safetensors"
 
 
 def run_train_tokenizer(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any], out_url: str,
                         parent_run_id: str | None = None) -> dict[str, Any]:
     """Train (or resume training) the tokenizer; returns the stage manifest."""
+    return _run_tokenizer_stage(cfg, "train_tokenizer", {"tokenizer", "train_tokenizer"}, corpus_manifest, out_url,
+                                parent_run_id, {}, {})
+
+
+def run_finetune_decoder(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any], tokenizer_url: str,
+                         tokenizer_sha256: str, out_url: str, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Fine-tune only the pixel decoder of the tokenizer export at ``tokenizer_url`` (the
+    reference's second phase); its export decodes the same tokens. Returns the stage manifest."""
+    if cfg.finetune_decoder is None:
+        raise ConfigError("the config has no finetune_decoder section")
+    return _run_tokenizer_stage(cfg, "finetune_decoder", {"tokenizer", "finetune_decoder"}, corpus_manifest,
+                                out_url, parent_run_id, {"tokenizer": tokenizer_sha256}, {"init_url": tokenizer_url})
+
+
+def _run_tokenizer_stage(cfg: TokenFlowConfig, section: str, logged: set[str], corpus_manifest: dict[str, Any],
+                         out_url: str, parent_run_id: str | None, inputs: dict[str, str],
+                         job_extra: dict[str, Any]) -> dict[str, Any]:
     import mlflow
 
     from tokenflow.train.tokenizer_worker import train_tokenizer_worker
 
-    t = cfg.train_tokenizer
-    corpus_digest = manifest_digest(corpus_manifest)
-    tracking_uri, run_id, params = start_stage_run(cfg, STAGE, {"tokenizer", "train_tokenizer"}, out_url,
-                                                   {"corpus_manifest": corpus_digest}, parent_run_id)
+    t = getattr(cfg, section)
+    inputs = {"corpus_manifest": manifest_digest(corpus_manifest), **inputs}
+    tracking_uri, run_id, params = start_stage_run(cfg, section, logged, out_url, inputs, parent_run_id)
     job = {
         "config": cfg.model_dump(mode="json"),
+        "section": section,
         "train_shards": [r.__dict__ for r in shard_records(corpus_manifest, "train")],
         "heldout_shards": [r.__dict__ for r in shard_records(corpus_manifest, "heldout")],
         "use_gpu": resolve_use_gpu(t.use_gpu),
         "tracking_uri": tracking_uri,
         "mlflow_run_id": run_id,
-        "export_url": storage.join(out_url, "tokenizer.safetensors"),
+        "export_url": storage.join(out_url, EXPORT_NAME),
         "quarantine_url": storage.join(out_url, "quarantine.json"),
+        **job_extra,
     }
     fit(train_tokenizer_worker, job, t, out_url, TRAIN_RUN_NAME)
     size, sha = file_digest(job["export_url"])
@@ -52,11 +69,11 @@ def run_train_tokenizer(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any], o
     client.set_tag(run_id, "tokenflow.tokenizer_sha256", sha)
     manifest = {
         "kind": "tokenizer",
-        "tokenizer": {"path": "tokenizer.safetensors", "bytes": size, "sha256": sha},
+        "tokenizer": {"path": EXPORT_NAME, "bytes": size, "sha256": sha},
         "quarantine": "quarantine.json",
         "steps": t.steps,
         "config_hash": params["config_hash"],
-        "inputs": {"corpus_manifest": corpus_digest},
+        "inputs": inputs,
         "mlflow_run_id": run_id,
     }
     storage.write_json_atomic(storage.join(out_url, MANIFEST_NAME), manifest)

@@ -18,9 +18,9 @@ from tokenflow import storage
 from tokenflow.config import TokenFlowConfig, TrainGeneratorConfig
 from tokenflow.data.examples import GenerationExample, generation_example
 from tokenflow.models.generator import NextScaleGenerator, TextBatch, left_pad
-from tokenflow.models.llm_weights import WEIGHTS_NAME
+from tokenflow.models.llm_weights import WEIGHTS_NAME, generator_meta
 from tokenflow.models.sampling import sample_tokens
-from tokenflow.models.text import IMAGE_END, IMAGE_START, encode_text
+from tokenflow.models.text import IMAGE_END, IMAGE_START, generation_prompt
 from tokenflow.train.harness import (Tracker, all_reduce_mean, join_worker_group, report_checkpoint, restore,
                                      seed_for)
 from tokenflow.train.llm_common import (engine_for, example_stream, export_llm, first_examples, load_llm_parts,
@@ -34,7 +34,7 @@ def _expand(sample) -> list[GenerationExample]:
 
 
 class _Prompts:
-    """Captions -> left-padded ``<s> caption`` batches (the empty prompt is ``<s>`` alone)."""
+    """Captions -> left-padded :func:`generation_prompt` batches, counting truncated ones."""
 
     def __init__(self, tok, max_tokens: int):
         self.tok, self.max_tokens = tok, max_tokens
@@ -43,9 +43,9 @@ class _Prompts:
     def batch(self, captions: list[str], device: torch.device) -> TextBatch:
         rows = []
         for caption in captions:
-            ids, cut = encode_text(self.tok, caption, self.max_tokens) if caption else ([], False)
+            ids, cut = generation_prompt(self.tok, caption, self.max_tokens)
             self.truncated += int(cut)
-            rows.append([self.tok.bos_token_id] + ids)
+            rows.append(ids)
         text = left_pad(rows, self.tok.pad_token_id)
         return TextBatch(text.ids.to(device), text.mask.to(device))
 
@@ -57,7 +57,8 @@ def train_generator_worker(job: dict[str, Any]) -> None:
     rank, world, device = join_worker_group(job["use_gpu"])
 
     tok, codebook, lm = load_llm_parts(job, t)
-    model = NextScaleGenerator(lm, codebook, special_id(tok, IMAGE_START), special_id(tok, IMAGE_END)).to(device)
+    model = NextScaleGenerator(lm, codebook, special_id(tok, IMAGE_START), special_id(tok, IMAGE_END),
+                               t.qk_norm).to(device)
     engine = engine_for(model, t, [{"params": [p for p in model.parameters() if p.requires_grad]}], t.steps)
     prompts = _Prompts(tok, t.language_model.max_text_tokens)
 
@@ -125,10 +126,7 @@ def train_generator_worker(job: dict[str, Any]) -> None:
                               {"step": step, "stream": stream.state_dict(), "unconditional": unconditional,
                                "truncated": prompts.truncated})
 
-    export_llm(model, engine, rank, lm, {"kind": "generator", "scales": list(codebook.scales),
-                                         "image_start_id": model.image_start_id,
-                                         "image_end_id": model.image_end_id,
-                                         "attn_implementation": t.language_model.attn_implementation},
+    export_llm(model, engine, rank, lm, generator_meta(model, t.language_model.attn_implementation),
                storage.join(job["export_dir"], WEIGHTS_NAME))
 
 
@@ -137,14 +135,14 @@ def _log_samples(model: NextScaleGenerator, prompts: _Prompts, captions: list[st
     """Sample the fixed held-out prompts (every rank, same seed); rank 0 decodes and logs a grid
     with the prompts under ``samples/``."""
     text = prompts.batch(captions, device)
-    empty = prompts.batch([""], device)
-    tokens = sample_tokens(model, text, empty, t.sampling, torch.Generator(device=device).manual_seed(t.seed))
+    negative = prompts.batch([t.sampling.negative_prompt], device)
+    tokens = sample_tokens(model, text, negative, t.sampling, torch.Generator(device=device).manual_seed(t.seed))
     if not tracker.active:
         return
     from tokenflow.models.weights import load_tokenizer
     from tokenflow.viz import save_image_grid
 
-    images = load_tokenizer(storage.local_path(tokenizer_url)).decode_indices(tokens.cpu())
+    images = load_tokenizer(storage.local_path(tokenizer_url), view=t.tokenizer_view).decode_indices(tokens.cpu())
     with tempfile.TemporaryDirectory() as tmp:
         grid = save_image_grid(Path(tmp) / f"samples_step{step:07d}.png", [img[None] for img in images],
                                [c[:48] for c in captions], scale=2)

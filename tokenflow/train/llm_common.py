@@ -22,11 +22,13 @@ from tokenflow.train.sharded_stream import ShardedStream
 E = TypeVar("E")
 
 
-def load_codebook(tokenizer_url: str) -> CodebookFeatures:
-    """The frozen code vectors of a trained tokenizer export."""
+def load_codebook(tokenizer_url: str, scales: list[int]) -> CodebookFeatures:
+    """The frozen code vectors of a trained tokenizer export, over the token shards' scales
+    (the tokenizer's own, or those of the view the shards were made at)."""
     from tokenflow.models.weights import load_tokenizer
 
-    return CodebookFeatures.from_quantizer(load_tokenizer(storage.local_path(tokenizer_url)).quantizer)
+    quantizer = load_tokenizer(storage.local_path(tokenizer_url)).quantizer
+    return CodebookFeatures(tuple(scales), quantizer.semantic_codebook, quantizer.pixel_codebook)
 
 
 def load_llm_parts(job: dict[str, Any], t: TrainGeneratorConfig | TrainUnderstandingConfig
@@ -34,7 +36,7 @@ def load_llm_parts(job: dict[str, Any], t: TrainGeneratorConfig | TrainUnderstan
     """The stage's text tokenizer, the frozen codebooks and the LM, built from ``t.seed`` so every
     rank (and every phase of a stage) starts from identical weights."""
     tok = load_text_tokenizer_dir(job["text_tokenizer_url"])
-    codebook = load_codebook(job["tokenizer_url"])
+    codebook = load_codebook(job["tokenizer_url"], job["token_scales"])
     torch.manual_seed(t.seed)
     return tok, codebook, build_language_model(t.language_model, len(tok))
 

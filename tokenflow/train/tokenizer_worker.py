@@ -4,6 +4,10 @@ Each worker holds two DeepSpeed engines: the tokenizer (generator) and the Patch
 discriminator, each with its own Adam. The discriminator and the adversarial term start at
 ``tokenizer.discriminator.start_step``. Rank 0 logs to MLflow; every rank takes part in the
 collective work (ZeRO partitions, held-out evaluation, checkpoints).
+
+The same loop runs the decoder-only fine-tune (``job["section"] == "finetune_decoder"``): the
+trained export is loaded, everything but the pixel decoder frozen, and only the pixel terms
+train it (no teacher, no scale drop), so the tokens stay exactly those of the trained export.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tokenflow import storage
 from tokenflow.config import TokenFlowConfig
 from tokenflow.data.decode import DecodeError, decode_image, preprocess
 from tokenflow.data.corpus import iter_shard
@@ -64,11 +69,19 @@ def train_tokenizer_worker(job: dict[str, Any]) -> None:
     from tokenflow.viz import save_image_grid
 
     cfg = TokenFlowConfig.model_validate(job["config"])
-    t, tok = cfg.train_tokenizer, cfg.tokenizer
+    decoder_only = job["section"] == "finetune_decoder"
+    t = getattr(cfg, job["section"])
+    tok = t.tokenizer_config(cfg.tokenizer) if decoder_only else cfg.tokenizer
     rank, world, device = join_worker_group(job["use_gpu"])
     torch.manual_seed(t.seed)  # identical initial weights on every rank
 
-    model = TokenFlowTokenizer(tok).to(device)
+    model = TokenFlowTokenizer(tok, with_teacher=not decoder_only)
+    if decoder_only:
+        from tokenflow.models.weights import start_decoder_finetune
+
+        loaded = start_decoder_finetune(model, storage.local_path(job["init_url"]))
+        log.info("decoder fine-tune: pixel decoder %s", "from the trained weights" if loaded else "initialised fresh")
+    model = model.to(device)
     disc = PatchDiscriminator(tok.discriminator).to(device)
     loss_fn = TokenizerLoss(tok).to(device)
     ds_cfg = deepspeed_config(t.deepspeed, t.micro_batch_size, t.grad_accum, t.grad_clip)
@@ -94,14 +107,16 @@ def train_tokenizer_worker(job: dict[str, Any]) -> None:
     def evaluate() -> dict[str, float]:
         model.eval()
         with torch.no_grad():
-            recon = ((gen.module(heldout).reconstruction + 1) / 2).clamp(0, 1)
+            out = gen.module(heldout)
         model.train()
+        recon = ((out.reconstruction + 1) / 2).clamp(0, 1)
         if tracker.active:
             with tempfile.TemporaryDirectory() as tmp:
                 grid = save_image_grid(Path(tmp) / f"heldout_step{step:07d}.png", [heldout.cpu(), recon.cpu()],
                                        ["held-out", f"reconstruction, step {step}"], scale=2)
                 tracker.artifact(grid, "reconstructions")
-        return {"heldout_psnr": float(psnr(recon, heldout).mean()), "heldout_psnr_mean_color": baseline_psnr}
+        return {"heldout_psnr": float(psnr(recon, heldout).mean()), "heldout_psnr_mean_color": baseline_psnr,
+                **out.profile.metrics(tok.quantizer.scales)}
 
     per_step = t.micro_batch_size * t.grad_accum * world
     last_time = time.perf_counter()
@@ -111,9 +126,12 @@ def train_tokenizer_worker(job: dict[str, Any]) -> None:
         for micro in range(t.grad_accum):
             images = stream.next_batch(t.micro_batch_size).to(device)
             generator = torch.Generator().manual_seed(seed_for(t.seed, step, rank, micro))
-            out = gen(images, drop_scale=model.sample_drop_scale(generator))
+            out = gen(images, drop_scale=None if decoder_only else model.sample_drop_scale(generator))
             disc.requires_grad_(False)
-            terms = loss_fn.generator_terms(images, out, step, dis.module if gan else None)
+            if decoder_only:
+                terms = loss_fn.pixel_terms(images, out.reconstruction, step, dis.module if gan else None)
+            else:
+                terms = loss_fn.generator_terms(images, out, step, dis.module if gan else None)
             disc.requires_grad_(True)
             gen.backward(terms["total"])
             gen.step()
@@ -148,8 +166,6 @@ def train_tokenizer_worker(job: dict[str, Any]) -> None:
     quarantined = [None] * world
     dist.all_gather_object(quarantined, [q.__dict__ for q in stream.quarantined])
     if rank == 0:
-        from tokenflow import storage
-
         storage.write_json_atomic(job["quarantine_url"], sorted(
             (q for part in quarantined for q in part), key=lambda q: (q["shard"], q["key"])))
 
@@ -158,7 +174,6 @@ def export_tokenizer(model: TokenFlowTokenizer, engine: Any, url: str, rank: int
     """Write the inference export (no teacher) from rank 0; gathers ZeRO-3 partitions first."""
     import deepspeed
 
-    from tokenflow import storage
     from tokenflow.models.weights import save_tokenizer
 
     params = [p for name, p in model.named_parameters() if not name.startswith("teacher.")]

@@ -14,7 +14,7 @@ from typing import Any
 
 from tokenflow.config import TokenFlowConfig, canonical_json, config_hash
 from tokenflow.workflow.durable import StageOutput, code_version, config_subset, stage_hash
-from tokenflow.workflow.pipeline import BY_NAME, STAGES, downstream, resources
+from tokenflow.workflow.pipeline import StageSpec, downstream, resources, stages
 from tokenflow.workflow.tracking import git_commit, resolve_tracking_uri, start_stage_run
 
 log = logging.getLogger(__name__)
@@ -28,12 +28,16 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class PlannedStage:
-    name: str
+    spec: StageSpec
     output: StageOutput
     config: dict[str, Any]
     input_hashes: dict[str, str]
     cached: bool
     selected: bool  # part of this invocation (--only / --from)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     @property
     def status(self) -> str:
@@ -45,22 +49,24 @@ class PlannedStage:
 def plan(cfg: TokenFlowConfig, storage_root: str, only: str | None = None, start: str | None = None) -> list[PlannedStage]:
     """Every stage with its identity, output location and state, in DAG order."""
     data = cfg.model_dump(mode="json")
-    selected = {only} if only else downstream({start}) if start else set(BY_NAME)
-    if not {only, start} - {None} <= set(BY_NAME):
-        raise PlanError(f"unknown stage {only or start!r}; stages: {', '.join(BY_NAME)}")
+    specs = stages(cfg)
+    names = [s.name for s in specs]
+    if not {only, start} - {None} <= set(names):
+        raise PlanError(f"this config has no stage {only or start!r}; its stages: {', '.join(names)}")
+    selected = {only} if only else downstream(specs, {start}) if start else set(names)
     code = code_version()
     hashes: dict[str, str] = {}
     out = []
-    for spec in STAGES:
+    for spec in specs:
         subset = config_subset(data, spec.config)
         inputs = {name: hashes[name] for name in spec.inputs}
         hashes[spec.name] = stage_hash(spec.name, subset, inputs, code)
         output = StageOutput.under(storage_root, spec.name, hashes[spec.name])
-        out.append(PlannedStage(spec.name, output, subset, inputs, output.complete(), spec.name in selected))
+        out.append(PlannedStage(spec, output, subset, inputs, output.complete(), spec.name in selected))
     done = {p.name for p in out if p.cached}
     for p in out:
         if p.selected and not p.cached:
-            missing = [i for i in BY_NAME[p.name].inputs if i not in done and i not in selected]
+            missing = [i for i in p.spec.inputs if i not in done and i not in selected]
             if missing:
                 raise PlanError(f"{p.name} needs {', '.join(missing)}, which this partial run does not "
                                 "include and which are not complete; run them first")
@@ -69,8 +75,8 @@ def plan(cfg: TokenFlowConfig, storage_root: str, only: str | None = None, start
 
 def describe(stages: list[PlannedStage]) -> str:
     """The plan as a table (for --dry-run and the log)."""
-    rows = [f"{'stage':<22}{'hash':<14}{'status':<9}output"]
-    rows += [f"{p.name:<22}{p.output.hash[:12]:<14}{p.status:<9}{p.output.url}" for p in stages]
+    rows = [f"{'stage':<24}{'hash':<14}{'status':<9}output"]
+    rows += [f"{p.name:<24}{p.output.hash[:12]:<14}{p.status:<9}{p.output.url}" for p in stages]
     return "\n".join(rows)
 
 
@@ -163,7 +169,7 @@ def execute(cfg: TokenFlowConfig, stages: list[PlannedStage], lineage: Lineage) 
     with ThreadPoolExecutor(max_workers=max(len(pending), 1)) as pool:
         while (pending and failure is None) or running:
             for p in list(pending):
-                if failure is not None or not all(i in manifests for i in BY_NAME[p.name].inputs):
+                if failure is not None or not all(i in manifests for i in p.spec.inputs):
                     continue
                 need = {k: min(v, total.get(k, 0.0)) for k, v in resources(cfg, p.name).items()}
                 if running and not _fits(need, free):
@@ -172,7 +178,7 @@ def execute(cfg: TokenFlowConfig, stages: list[PlannedStage], lineage: Lineage) 
                     free[k] = free.get(k, 0.0) - v
                 pending.remove(p)
                 log.info("stage %s (%s): starting", p.name, p.output.hash[:12])
-                running[pool.submit(_run_stage, cfg, p, {i: outputs[i] for i in BY_NAME[p.name].inputs},
+                running[pool.submit(_run_stage, cfg, p, {i: outputs[i] for i in p.spec.inputs},
                                     lineage)] = p
             if not running:
                 break
@@ -193,10 +199,9 @@ def execute(cfg: TokenFlowConfig, stages: list[PlannedStage], lineage: Lineage) 
 
 
 def _run_stage(cfg: TokenFlowConfig, p: PlannedStage, inputs: dict[str, StageOutput], lineage: Lineage) -> dict[str, Any]:
-    spec = BY_NAME[p.name]
-    own_run = None if spec.tracks_itself else lineage.open_stage_run(p)
+    own_run = None if p.spec.tracks_itself else lineage.open_stage_run(p)
     t0 = time.perf_counter()
-    manifest = spec.run(cfg, inputs, p.output.url, lineage.run_id)
+    manifest = p.spec.run(cfg, inputs, p.output.url, lineage.run_id)
     run_id = manifest.get("mlflow_run_id") or own_run
     if run_id:
         lineage.record_stage(p, manifest, inputs, run_id)
