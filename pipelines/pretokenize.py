@@ -2,6 +2,9 @@
 
     python pipelines/pretokenize.py --config configs/models/tokenflow-tiny.yaml \\
         --corpus <corpus dir with _MANIFEST.json> --tokenizer <weights.safetensors> --out <URL>
+
+With ``--generation-view`` the tokenizer is used at ``train_generator.tokenizer_view`` (the
+``pretokenize_generation`` stage of the pipeline).
 """
 
 from __future__ import annotations
@@ -13,9 +16,16 @@ from tokenflow.stages.pretokenize import run_pretokenize
 def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--tokenizer", required=True, help="tokenizer weights (.safetensors) URL")
+    parser.add_argument("--generation-view", action="store_true",
+                        help="encode at train_generator.tokenizer_view (the generator's tokens)")
     args = parser.parse_args()
     cfg, corpus = prepare_stage(args)
-    manifest = run_pretokenize(corpus, args.tokenizer, args.out, cfg.pretokenize)
+    view = None
+    if args.generation_view:
+        view = cfg.train_generator.tokenizer_view if cfg.train_generator is not None else None
+        if view is None:
+            parser.error("--generation-view needs train_generator.tokenizer_view in the config")
+    manifest = run_pretokenize(corpus, args.tokenizer, args.out, cfg.pretokenize, view)
     for split, block in manifest["splits"].items():
         print(f"{split}: {block['rows']} tokenized, {block['quarantined']} quarantined")
 

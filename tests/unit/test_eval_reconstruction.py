@@ -49,7 +49,12 @@ def test_metrics_match_an_independent_round_trip(tokenizer, images):
     counts = torch.bincount(tokens.reshape(-1), minlength=tokenizer.cfg.quantizer.codebook_size)
     assert (report.codebook_usage, report.codebook_perplexity) == pytest.approx(usage_and_perplexity(counts))
     assert report.rfid == pytest.approx(fid_from_features(_mean_color(images), _mean_color(recon)), rel=1e-6)
-    assert set(report.metrics()) == {"psnr", "ssim", "rfid", "codebook_usage", "codebook_perplexity", "num_images"}
+    # The residual profile summed over both batches equals one pass over all images.
+    profile = tokenizer.quantize(images).profile.metrics(tokenizer.quantizer.scales)
+    assert report.residuals == pytest.approx(profile, rel=1e-5)
+    assert set(report.metrics()) == {"psnr", "ssim", "rfid", "codebook_usage", "codebook_perplexity",
+                                     "num_images", *profile}
+    assert {"latent_norm/pixel", "residual/pixel/scale_0_1", "residual/semantic/scale_5_8"} <= set(profile)
 
 
 def test_without_extractor_rfid_is_none_and_training_mode_is_restored(tokenizer, images):
