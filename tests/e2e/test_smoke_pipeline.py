@@ -1,4 +1,5 @@
-"""README command 1's path: the whole smoke pipeline through `ray start --head` + `ray job submit`."""
+"""README command 1's path: the whole smoke pipeline through `ray start --head` + `ray job submit`,
+under the CI profile (configs/pipelines/ci.yaml: smoke.yaml with a smaller corpus and fewer steps)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ DASHBOARD = "http://127.0.0.1:8265"
 STAGES = ("corpus", "train_tokenizer", "eval_reconstruction", "pretokenize", "train_generator",
           "train_understanding", "eval_generation", "eval_understanding")
 PROMISED = {
-    "train_tokenizer": ("loss/total", "codebook/usage", "heldout_psnr"),
+    "train_tokenizer": ("loss/total", "codebook/usage", "heldout_psnr", "latent_norm/pixel",
+                        "residual/pixel/scale_0_1", "residual/semantic/scale_5_8"),
+    "eval_reconstruction": ("psnr", "baseline/psnr", "residual/pixel/scale_5_8", "latent_norm/semantic"),
+    "eval_generation": ("overall", "baseline/overall", "reference/overall"),
     "train_generator": ("loss/image_tokens", "heldout/loss", "heldout/unigram_entropy"),
     "train_understanding": ("align/loss/answer", "loss/answer", "heldout/yes_no_accuracy", "heldout/majority_rate"),
     "corpus": ("stage_seconds",),
@@ -42,7 +46,7 @@ def ray_head():
 def _submit(storage: Path, *args: str) -> subprocess.CompletedProcess:
     runtime_env = json.dumps({"env_vars": {"TOKENFLOW_GIT_COMMIT": "e2e-test", "DS_ACCELERATOR": "cpu"}})
     cmd = ["ray", "job", "submit", "--address", DASHBOARD, "--working-dir", str(REPO), "--runtime-env-json",
-           runtime_env, "--", "python", "pipelines/full.py", "--config", "configs/pipelines/smoke.yaml",
+           runtime_env, "--", "python", "pipelines/full.py", "--config", "configs/pipelines/ci.yaml",
            "--storage", str(storage), *args]
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tokenflow.config import LanguageModelConfig, SamplingConfig
-from tokenflow.models.generator import NextScaleGenerator, TextBatch, block_causal_mask, block_ids, left_pad
+from tokenflow.models.generator import (NextScaleGenerator, TextBatch, block_causal_mask, block_ids, left_pad,
+                                       scale_losses)
 from tokenflow.models.language_model import build_language_model
 from tokenflow.models.quantizer import CodebookFeatures, resize
 from tokenflow.models.sampling import filter_logits, guidance, guided_logits, sample_tokens
@@ -125,6 +126,19 @@ def test_generator_trains_and_ignores_later_scales(tiny_config):
     changed[:, -64:] = (changed[:, -64:] + 1) % 512
     with torch.no_grad():
         torch.testing.assert_close(model(text, changed).logits, out.logits.detach())
+
+
+def test_scale_losses_split_the_loss_by_scale(tiny_config):
+    model = _generator(tiny_config).eval()
+    tokens = torch.randint(0, 512, (2, 130))
+    with torch.no_grad():
+        out = model(left_pad([[1, 7], [1]], pad_id=0), tokens)
+    losses = scale_losses(out.logits, tokens, model.scales)
+    sizes = torch.tensor([s * s for s in model.scales], dtype=torch.float32)
+    assert losses.shape == (6,)
+    torch.testing.assert_close((losses * sizes).sum() / sizes.sum(), out.loss)  # the token-weighted mean
+    first = torch.nn.functional.cross_entropy(out.logits[:, 0], tokens[:, 0])
+    torch.testing.assert_close(losses[0], first)
 
 
 def test_filter_logits_top_k_and_top_p():

@@ -94,3 +94,21 @@ def test_exports_round_trip(tmp_path, tiny_config, lm_config):
     tokens = torch.randint(0, 512, (2, 130))
     answers = model.generate(tokens, ["Is it red?", "Is there a blue square?"], tok, max_new_tokens=2)
     assert answers == und.eval().generate(tokens, ["Is it red?", "Is there a blue square?"], tok, max_new_tokens=2)
+
+
+def test_understanding_reads_the_sum_of_all_scales_codes_through_a_gelu_mlp(tiny_config):
+    """As the reference's i2t encoder: the image input is the sum of every scale's (bicubically
+    upsampled) unit codes at the last scale's grid, 40-d, through Linear-GELU-Linear."""
+    from tokenflow.models.quantizer import upsample_codes
+
+    torch.manual_seed(0)
+    codebook = CodebookFeatures.from_quantizer(TokenFlowTokenizer(tiny_config, with_teacher=False).quantizer)
+    model = UnderstandingModel(build_language_model(TINY_LM, 40), codebook, bos_id=1)
+    linear1, act, linear2 = model.projector
+    assert isinstance(act, torch.nn.GELU) and (linear1.in_features, linear2.out_features) == (40, 32)
+    tokens = torch.randint(0, 512, (2, 130))
+    expected = sum(upsample_codes(codebook.lookup(t), s, 8)
+                   for t, s in zip(codebook.split_tokens(tokens), codebook.scales)).flatten(2).transpose(1, 2)
+    prefix = model._prefix(tokens)
+    torch.testing.assert_close(prefix[:, 1:], model.projector(expected))
+    assert prefix.shape == (2, 1 + 64, 32)

@@ -124,7 +124,7 @@ def test_full_py_validates_the_config_before_any_cluster_work(tmp_path):
     assert dry.stdout.count(" run ") == 8 and not (tmp_path / "corpus").exists()
 
 
-@pytest.mark.parametrize("name,count", [("smoke", 8), ("tokenflow-b", 10), ("tokenflow-xl", 9)])
+@pytest.mark.parametrize("name,count", [("smoke", 8), ("ci", 8), ("tokenflow-b", 10), ("tokenflow-xl", 9)])
 def test_every_pipeline_config_validates_and_plans(name, count, tmp_path):
     cfg = load_config(REPO / "configs" / "pipelines" / f"{name}.yaml")
     assert cfg.train_generator is not None and cfg.train_understanding is not None

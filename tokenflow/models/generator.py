@@ -76,6 +76,13 @@ class GeneratorOutput(NamedTuple):
     logits: torch.Tensor  # [B, num_tokens, K]
 
 
+def scale_losses(logits: torch.Tensor, tokens: torch.Tensor, scales: tuple[int, ...]) -> torch.Tensor:
+    """Mean cross-entropy of each scale's tokens, ``[len(scales)]``, from teacher-forced
+    ``logits`` [B, L, K] and target ``tokens`` [B, L]: which scales the generator cannot predict."""
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), reduction="none")
+    return torch.stack([part.mean() for part in ce.view(tokens.shape).split([s * s for s in scales], dim=1)])
+
+
 class ImageInputEmbedding(nn.Module):
     """Inputs of the image blocks: the start-marker embedding for scale 0, projected
     teacher-forcing features for later scales, plus a level and a per-position embedding.

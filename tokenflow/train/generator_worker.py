@@ -17,7 +17,7 @@ import torch
 from tokenflow import storage
 from tokenflow.config import TokenFlowConfig, TrainGeneratorConfig
 from tokenflow.data.examples import GenerationExample, generation_example
-from tokenflow.models.generator import NextScaleGenerator, TextBatch, left_pad
+from tokenflow.models.generator import NextScaleGenerator, TextBatch, left_pad, scale_losses
 from tokenflow.models.llm_weights import WEIGHTS_NAME, generator_meta
 from tokenflow.models.sampling import sample_tokens
 from tokenflow.models.text import IMAGE_END, IMAGE_START, generation_prompt
@@ -78,14 +78,18 @@ def train_generator_worker(job: dict[str, Any]) -> None:
     def evaluate() -> dict[str, float]:
         model.eval()
         total, count = 0.0, 0
+        per_scale = torch.zeros(len(codebook.scales), dtype=torch.float64)
         with torch.no_grad():
             for start in range(0, len(heldout), t.micro_batch_size):
                 chunk = heldout[start : start + t.micro_batch_size]
                 tokens = torch.stack([torch.from_numpy(e.tokens) for e in chunk]).to(device)
                 out = engine.module(prompts.batch([e.caption for e in chunk], device), tokens)
                 total += float(out.loss) * len(chunk)
+                per_scale += scale_losses(out.logits, tokens, codebook.scales).double().cpu() * len(chunk)
                 count += len(chunk)
-        values = {"heldout/loss": total / count, "heldout/unigram_entropy": job["unigram_entropy"]}
+        values = {"heldout/loss": total / count, "heldout/unigram_entropy": job["unigram_entropy"],
+                  **{f"heldout/loss/scale_{i}_{s}": float(v) / count
+                     for i, (s, v) in enumerate(zip(codebook.scales, per_scale))}}
         if sample_captions:
             _log_samples(engine.module, prompts, sample_captions, t, step, device, tracker, job["tokenizer_url"])
         model.train()
