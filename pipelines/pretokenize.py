@@ -20,11 +20,9 @@ def main() -> None:
                         help="encode at train_generator.tokenizer_view (the generator's tokens)")
     args = parser.parse_args()
     cfg, corpus = prepare_stage(args)
-    view = None
-    if args.generation_view:
-        view = cfg.train_generator.tokenizer_view if cfg.train_generator is not None else None
-        if view is None:
-            parser.error("--generation-view needs train_generator.tokenizer_view in the config")
+    view = cfg.generation_view if args.generation_view else None
+    if args.generation_view and view is None:
+        parser.error("--generation-view needs train_generator.tokenizer_view in the config")
     manifest = run_pretokenize(corpus, args.tokenizer, args.out, cfg.pretokenize, view)
     for split, block in manifest["splits"].items():
         print(f"{split}: {block['rows']} tokenized, {block['quarantined']} quarantined")

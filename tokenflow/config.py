@@ -571,10 +571,15 @@ class TokenFlowConfig(StrictModel):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
 
+    @property
+    def generation_view(self) -> TokenizerView | None:
+        """The view the generator's tokens are made at (None: the tokenizer as trained)."""
+        return self.train_generator.tokenizer_view if self.train_generator is not None else None
+
     @model_validator(mode="after")
     def _generation_view_valid(self) -> "TokenFlowConfig":
         """The generator's tokenizer view must give a valid tokenizer (grid and scales agree)."""
-        view = self.train_generator.tokenizer_view if self.train_generator is not None else None
+        view = self.generation_view
         if view is not None:
             try:
                 self.tokenizer.at_view(view)

@@ -50,7 +50,7 @@ def test_metrics_match_an_independent_round_trip(tokenizer, images):
     assert (report.codebook_usage, report.codebook_perplexity) == pytest.approx(usage_and_perplexity(counts))
     assert report.rfid == pytest.approx(fid_from_features(_mean_color(images), _mean_color(recon)), rel=1e-6)
     # The residual profile summed over both batches equals one pass over all images.
-    profile = tokenizer.quantize(images).profile.metrics(tokenizer.quantizer.scales)
+    profile = tokenizer.quantize(images).profile.metrics()
     assert report.residuals == pytest.approx(profile, rel=1e-5)
     assert set(report.metrics()) == {"psnr", "ssim", "rfid", "codebook_usage", "codebook_perplexity",
                                      "num_images", *profile}

@@ -82,3 +82,21 @@ def test_attention_without_projections_is_refused():
 
     with pytest.raises(ValueError, match="cannot add QK-norm"):
         add_qk_norm(Block())
+
+
+def test_weight_decay_spares_biases_and_norm_gains(tiny_config):
+    from tokenflow.models.tokenizer import TokenFlowTokenizer
+    from tokenflow.train.llm_common import decay_groups
+
+    codebook = CodebookFeatures.from_quantizer(TokenFlowTokenizer(tiny_config, with_teacher=False).quantizer)
+    gen = NextScaleGenerator(build_language_model(TINY_LLAMA, 40), codebook, 4, 5, qk_norm=True)
+    named = [(n, p) for n, p in gen.named_parameters() if p.requires_grad]
+    decay, no_decay = decay_groups([p for _, p in named], 0.1)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    spared = {n for n, p in named if any(p is q for q in no_decay["params"])}
+    decayed = {n for n, p in named if any(p is q for q in decay["params"])}
+    assert spared | decayed == {n for n, _ in named} and not spared & decayed
+    assert "lm.model.layers.0.self_attn.q_proj.weight" in spared  # the QK-norm gain
+    assert "lm.model.norm.weight" in spared and "image_head.bias" in spared
+    assert {"image_head.weight", "image_inputs.position", "image_inputs.level",
+            "lm.model.layers.0.self_attn.q_proj.proj.weight"} <= decayed

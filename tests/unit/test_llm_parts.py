@@ -112,3 +112,19 @@ def test_understanding_reads_the_sum_of_all_scales_codes_through_a_gelu_mlp(tiny
     prefix = model._prefix(tokens)
     torch.testing.assert_close(prefix[:, 1:], model.projector(expected))
     assert prefix.shape == (2, 1 + 64, 32)
+
+
+def test_llm_stages_refuse_token_shards_made_at_another_view():
+    from tokenflow.config import TokenizerView
+    from tokenflow.data.token_shards import TokenShardError
+    from tokenflow.stages.llm_stage import check_view
+
+    view = TokenizerView(image_size=256, scales=(1, 2, 4, 6, 8, 10, 12, 14, 16))
+    made_at_view = {"tokenizer_view": view.model_dump(mode="json")}
+    check_view(made_at_view, "s3://b/gen-tokens", view)
+    check_view({"tokenizer_view": None}, "s3://b/tokens", None)
+    check_view({}, "s3://b/old-tokens", None)  # manifests from before views: the trained view
+    with pytest.raises(TokenShardError, match="made at tokenizer view None, the stage needs"):
+        check_view({"tokenizer_view": None}, "s3://b/tokens", view)
+    with pytest.raises(TokenShardError, match="pretokenize_generation"):
+        check_view(made_at_view, "s3://b/gen-tokens", None)

@@ -77,7 +77,7 @@ def test_forward_equals_the_reference_formulation_on_a_raw_latent(magnitude):
     for s in q.scales:
         assert torch.equal(out.indices[s], indices[s]), f"scale {s}"
     torch.testing.assert_close(out.features, features, rtol=1e-5, atol=1e-5)
-    metrics = out.profile.metrics(q.scales)
+    metrics = out.profile.metrics()
     measured = torch.tensor([[metrics[f"residual/{half}/scale_{i}_{s}"] for half in ("semantic", "pixel")]
                              for i, s in enumerate(q.scales)])
     torch.testing.assert_close(measured, residual_norms, rtol=1e-4, atol=1e-5)
@@ -94,8 +94,8 @@ def test_the_latent_magnitude_decides_how_much_the_scales_take():
     with torch.no_grad():
         small, large = q(0.01 * h), q(100 * h)
     assert torch.equal(small.indices[1], large.indices[1])
-    first_small = small.profile.metrics(q.scales)["residual/pixel/scale_0_1"]
-    first_large = large.profile.metrics(q.scales)["residual/pixel/scale_0_1"]
+    first_small = small.profile.metrics()["residual/pixel/scale_0_1"]
+    first_large = large.profile.metrics()["residual/pixel/scale_0_1"]
     assert first_small > 10 and 0.9 < first_large < 1.01  # a unit code swamps a tiny latent
 
 
@@ -124,6 +124,10 @@ def test_dropped_scale_is_skipped_and_first_scale_never_dropped():
     q = _quantizer()
     out = q(torch.randn(1, 40, 8, 8), drop_scale=2)
     assert 3 not in out.indices and set(out.indices) == {1, 2, 4, 6, 8}
+    assert out.profile.scales == ((0, 1), (1, 2), (3, 4), (4, 6), (5, 8))
+    assert "residual/pixel/scale_3_4" in out.profile.metrics() and "residual/pixel/scale_2_3" not in out.profile.metrics()
+    with pytest.raises(ValueError, match="cannot add profiles"):
+        out.profile.add(q(torch.randn(1, 40, 8, 8)).profile)
     with pytest.raises(ValueError, match="first scale"):
         q(torch.randn(1, 40, 8, 8), drop_scale=0)
 

@@ -45,7 +45,7 @@ def _train(cls: type[TokenFlowTokenizer], config, images: torch.Tensor) -> dict[
         opt.step()
     model.eval()
     with torch.no_grad():
-        return model.quantize(images[:64]).profile.metrics(model.quantizer.scales)
+        return model.quantize(images[:64]).profile.metrics()
 
 
 def _curve(metrics: dict[str, float], half: str, scales: tuple[int, ...]) -> list[float]:

@@ -68,6 +68,18 @@ def test_a_generation_view_adds_its_own_token_shards(tmp_path):
     assert {n for n in base if viewed[n] != base[n]} == {"train_generator", "eval_generation"}
 
 
+def test_a_config_with_every_optional_stage_has_every_stage_name():
+    from tokenflow.workflow.pipeline import STAGE_NAMES
+
+    cfg = load_config(REPO / "configs" / "pipelines" / "tokenflow-b.yaml")
+    specs = stages(cfg)
+    assert sorted(s.name for s in specs) == sorted(STAGE_NAMES)
+    seen: set[str] = set()
+    for spec in specs:  # dependency order: every input comes earlier
+        assert set(spec.inputs) <= seen, spec.name
+        seen.add(spec.name)
+
+
 def test_stages_without_their_section_are_left_out(tmp_path):
     data = load_config(SMOKE).model_dump(mode="json")
     data.pop("train_generator")

@@ -44,9 +44,10 @@ def quarantine_part_url(out_url: str, split: str, shard_name: str) -> str:
 
 def encoding_hash(tokenizer_digest: str, micro_batch: int, view: TokenizerView | None = None) -> str:
     """Identity of an encoding: equal hashes give equal tokens for equal image bytes."""
-    return config_hash({"tokenizer": tokenizer_digest, "micro_batch": micro_batch,
-                        "preprocess": PREPROCESS_VERSION,
-                        "view": view.model_dump(mode="json") if view is not None else None})
+    identity = {"tokenizer": tokenizer_digest, "micro_batch": micro_batch, "preprocess": PREPROCESS_VERSION}
+    if view is not None:
+        identity["view"] = view.model_dump(mode="json")
+    return config_hash(identity)
 
 
 @dataclass(frozen=True)

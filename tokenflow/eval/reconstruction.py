@@ -105,4 +105,4 @@ def evaluate_reconstruction(tokenizer: TokenFlowTokenizer,
     return ReconstructionReport(
         psnr=float(np.mean([s.psnr for s in samples])), ssim=float(np.mean([s.ssim for s in samples])),
         rfid=rfid, codebook_usage=usage, codebook_perplexity=perplexity,
-        residuals=profile.metrics(tokenizer.quantizer.scales), samples=tuple(samples))
+        residuals=profile.metrics(), samples=tuple(samples))

@@ -65,7 +65,7 @@ class HeadRMSNorm(nn.Module):
         out = self.proj(hidden)
         heads = out.view(*out.shape[:-1], -1, self.head_dim).float()
         heads = heads * torch.rsqrt(heads.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * heads.to(out.dtype)).view(out.shape)
+        return (self.weight * heads.to(out.dtype)).to(out.dtype).view(out.shape)
 
 
 def add_qk_norm(lm: PreTrainedModel) -> bool:

@@ -26,26 +26,30 @@ _DISTANCE_CHUNK = 4096
 
 class ResidualProfile(NamedTuple):
     """Sums of squares over a batch, per half (semantic, pixel): of the raw latent ([2]) and of
-    the residual left after each quantized scale ([scales used, 2]); ``positions`` counts the
-    latent's grid positions summed over. Profiles of several batches add up (:meth:`add`)."""
+    the residual left after each quantized scale ([scales used, 2]); ``scales`` are (index, side)
+    of the scales used, ``positions`` counts the latent's grid positions summed over. Profiles of
+    several batches over the same scales add up (:meth:`add`)."""
 
     latent_sq: torch.Tensor
     residual_sq: torch.Tensor
+    scales: tuple[tuple[int, int], ...]
     positions: int
 
     def add(self, other: "ResidualProfile") -> "ResidualProfile":
+        if other.scales != self.scales:
+            raise ValueError(f"cannot add profiles over scales {self.scales} and {other.scales}")
         return ResidualProfile(self.latent_sq + other.latent_sq, self.residual_sq + other.residual_sq,
-                               self.positions + other.positions)
+                               self.scales, self.positions + other.positions)
 
-    def metrics(self, scales: tuple[int, ...]) -> dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         """``residual/<half>/scale_<i>_<s>``: ||r|| / ||latent|| after scale i (side s), and
         ``latent_norm/<half>``: the latent's root-mean-square norm per position."""
         out: dict[str, float] = {}
         for h, half in enumerate(("semantic", "pixel")):
             total = float(self.latent_sq[h])
             out[f"latent_norm/{half}"] = (total / max(self.positions, 1)) ** 0.5
-            for i, size in enumerate(scales):
-                out[f"residual/{half}/scale_{i}_{size}"] = (float(self.residual_sq[i, h]) / max(total, 1e-30)) ** 0.5
+            for row, (i, size) in enumerate(self.scales):
+                out[f"residual/{half}/scale_{i}_{size}"] = (float(self.residual_sq[row, h]) / max(total, 1e-30)) ** 0.5
         return out
 
 
@@ -150,7 +154,8 @@ class SharedMappingQuantizer(nn.Module):
             rest = rest - up.detach()
             indices[size] = idx
             residual_sq.append(self._half_sq(rest))
-        profile = ResidualProfile(self._half_sq(features), torch.stack(residual_sq), b * h * w)
+        used = tuple((i, s) for i, s in enumerate(self.scales) if i != drop_scale)
+        profile = ResidualProfile(self._half_sq(features), torch.stack(residual_sq), used, b * h * w)
         return QuantizerOutput(
             features=accumulated,
             indices=indices,
@@ -191,8 +196,10 @@ class CodebookFeatures(nn.Module):
         self.register_buffer("pixel", F.normalize(pixel_codes.detach().float(), dim=1).clone())
 
     @classmethod
-    def from_quantizer(cls, quantizer: SharedMappingQuantizer) -> "CodebookFeatures":
-        return cls(quantizer.scales, quantizer.semantic_codebook, quantizer.pixel_codebook)
+    def from_quantizer(cls, quantizer: SharedMappingQuantizer,
+                       scales: tuple[int, ...] | None = None) -> "CodebookFeatures":
+        """The quantizer's codes over its own scales, or over ``scales`` (those of a view)."""
+        return cls(scales or quantizer.scales, quantizer.semantic_codebook, quantizer.pixel_codebook)
 
     @property
     def grid(self) -> int:

@@ -104,7 +104,7 @@ class TokenFlowTokenizer(nn.Module):
         if self.teacher is not None:
             with torch.no_grad():
                 target = self.teacher.target(images)
-        self.usage.update(torch.cat(list(q.indices.values()), dim=1))
+        self.usage.update(self.flat_tokens(q))
         return TokenizerOutput(
             reconstruction=self.decode_features(q.features),
             semantic_prediction=self.semantic_decoder(sem_codes),
@@ -122,7 +122,7 @@ class TokenFlowTokenizer(nn.Module):
 
     @staticmethod
     def flat_tokens(q: QuantizerOutput) -> torch.Tensor:
-        """A full pass's indices as [B, sum s^2], scale-major, row-major."""
+        """A pass's indices as [B, sum s^2] over the scales used, scale-major, row-major."""
         return torch.cat(list(q.indices.values()), dim=1)
 
     @torch.no_grad()

@@ -98,6 +98,16 @@ def start_decoder_finetune(model: TokenFlowTokenizer, trained_path: str | Path) 
     return same_decoder
 
 
+def restore_frozen(model: TokenFlowTokenizer, trained_path: str | Path) -> None:
+    """Copy every tensor but the pixel decoder back from the trained export (after a decoder
+    fine-tune, so a lower-precision engine cannot have rounded the frozen weights)."""
+    from safetensors.torch import load_file
+
+    frozen = {k: v for k, v in load_file(str(trained_path)).items() if not k.startswith(_PIXEL_DECODER_PREFIX)}
+    with torch.no_grad():
+        model.load_state_dict(frozen, strict=False)
+
+
 def _grid_split(length: int) -> tuple[int, int] | None:
     """``(prefix tokens, grid side)`` of a position table of ``length`` rows (0 or 1 prefix)."""
     for prefix in (1, 0):

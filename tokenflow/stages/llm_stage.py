@@ -12,7 +12,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from tokenflow import storage
-from tokenflow.config import ConfigError, LanguageModelConfig, TokenFlowConfig
+from tokenflow.config import ConfigError, LanguageModelConfig, TokenFlowConfig, TokenizerView
 from tokenflow.data.examples import training_texts
 from tokenflow.data.manifest import file_digest, manifest_digest
 from tokenflow.data.token_shards import MANIFEST_NAME, TokenShardError, iter_token_samples
@@ -74,13 +74,25 @@ class LLMStageStart:
     inputs: dict[str, str]  # input name -> digest
 
 
+def check_view(token_manifest: dict[str, Any], token_url: str, view: TokenizerView | None) -> None:
+    """Raise unless the token shards were made at ``view`` (None: the tokenizer as trained)."""
+    made = token_manifest.get("tokenizer_view")
+    wanted = view.model_dump(mode="json") if view is not None else None
+    if made != wanted:
+        raise TokenShardError(f"{token_url}: these token shards were made at tokenizer view {made}, "
+                              f"the stage needs {wanted} (pretokenize_generation makes the generator's)")
+
+
 def start_llm_stage(cfg: TokenFlowConfig, stage: str, token_manifest: dict[str, Any], token_url: str,
-                    tokenizer_url: str, out_url: str, parent_run_id: str | None) -> LLMStageStart:
-    """Check the inputs, open (or reopen) the stage's MLflow run, prepare the text tokenizer in
-    the export directory, and assemble the job fields every LLM worker reads."""
+                    tokenizer_url: str, out_url: str, parent_run_id: str | None,
+                    view: TokenizerView | None = None) -> LLMStageStart:
+    """Check the inputs (made by this tokenizer, at ``view``), open (or reopen) the stage's MLflow
+    run, prepare the text tokenizer in the export directory, and assemble the job fields every
+    LLM worker reads."""
     t = getattr(cfg, stage)
     if t is None:
         raise ConfigError(f"the config has no {stage} section")
+    check_view(token_manifest, token_url, view)
     inputs = {"token_manifest": manifest_digest(token_manifest),
               "tokenizer": check_tokenizer(token_manifest, tokenizer_url)}
     tracking_uri, run_id, params = start_stage_run(cfg, stage, {stage}, out_url, inputs, parent_run_id)

@@ -1,7 +1,9 @@
 """The text-to-image stage: next-scale prediction in a causal LM, DeepSpeed ZeRO on Ray Train.
 
-Reads the token shards of ``pretokenize`` (never the images) and the tokenizer export that made
-them (its codebooks give the teacher-forcing features and decode the samples). Outputs under
+Reads token shards (never the images): ``pretokenize_generation``'s when
+``train_generator.tokenizer_view`` is set (checked against the shards' manifest), else
+``pretokenize``'s; and the tokenizer export that made them (its codebooks give the
+teacher-forcing features and, at the view, decode the samples). Outputs under
 ``out_url``: Ray Train's run directory ``train/`` (checkpoints), the inference export ``model/``
 (``model.safetensors`` + ``text_tokenizer/``) and ``_MANIFEST.json`` (written last). Running it
 again with the same ``out_url`` resumes from the latest checkpoint, in the same MLflow run.
@@ -24,8 +26,9 @@ def run_train_generator(cfg: TokenFlowConfig, token_manifest: dict[str, Any], to
     """Train (or resume training) the generator; returns the stage manifest."""
     from tokenflow.train.generator_worker import train_generator_worker
 
-    start = start_llm_stage(cfg, STAGE, token_manifest, token_url, tokenizer_url, out_url, parent_run_id)
     t = cfg.train_generator
+    start = start_llm_stage(cfg, STAGE, token_manifest, token_url, tokenizer_url, out_url, parent_run_id,
+                            cfg.generation_view)
     job = {**start.job,
            "unigram_entropy": unigram_entropy(start.job["train_urls"], token_manifest["codebook_size"])}
     fit(train_generator_worker, job, t, out_url, TRAIN_RUN_NAME)

@@ -17,6 +17,7 @@ from tokenflow import storage
 from tokenflow.config import ConfigError, TokenFlowConfig
 from tokenflow.data.manifest import file_digest, manifest_digest, shard_records
 from tokenflow.data.token_shards import MANIFEST_NAME
+from tokenflow.models.weights import file_sha256
 from tokenflow.stages.training import fit, resolve_use_gpu
 from tokenflow.workflow.tracking import start_stage_run
 
@@ -37,6 +38,9 @@ def run_finetune_decoder(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any], 
     reference's second phase); its export decodes the same tokens. Returns the stage manifest."""
     if cfg.finetune_decoder is None:
         raise ConfigError("the config has no finetune_decoder section")
+    found = file_sha256(storage.local_path(tokenizer_url))
+    if found != tokenizer_sha256:
+        raise ValueError(f"{tokenizer_url} has sha256 {found[:12]}, its stage recorded {tokenizer_sha256[:12]}")
     return _run_tokenizer_stage(cfg, "finetune_decoder", {"tokenizer", "finetune_decoder"}, corpus_manifest,
                                 out_url, parent_run_id, {"tokenizer": tokenizer_sha256}, {"init_url": tokenizer_url})
 

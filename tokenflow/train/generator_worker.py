@@ -59,7 +59,7 @@ def train_generator_worker(job: dict[str, Any]) -> None:
     tok, codebook, lm = load_llm_parts(job, t)
     model = NextScaleGenerator(lm, codebook, special_id(tok, IMAGE_START), special_id(tok, IMAGE_END),
                                t.qk_norm).to(device)
-    engine = engine_for(model, t, [{"params": [p for p in model.parameters() if p.requires_grad]}], t.steps)
+    engine = engine_for(model, t, [p for p in model.parameters() if p.requires_grad], t.lr, t.steps)
     prompts = _Prompts(tok, t.language_model.max_text_tokens)
 
     stream = example_stream(job["train_urls"], _expand, rank, world, t.seed)
@@ -139,7 +139,8 @@ def _log_samples(model: NextScaleGenerator, prompts: _Prompts, captions: list[st
     """Sample the fixed held-out prompts (every rank, same seed); rank 0 decodes and logs a grid
     with the prompts under ``samples/``."""
     text = prompts.batch(captions, device)
-    negative = prompts.batch([t.sampling.negative_prompt], device)
+    negative_ids = generation_prompt(prompts.tok, t.sampling.negative_prompt, prompts.max_tokens)[0]
+    negative = TextBatch(*(x.to(device) for x in left_pad([negative_ids], prompts.tok.pad_token_id)))
     tokens = sample_tokens(model, text, negative, t.sampling, torch.Generator(device=device).manual_seed(t.seed))
     if not tracker.active:
         return

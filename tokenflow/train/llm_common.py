@@ -27,8 +27,8 @@ def load_codebook(tokenizer_url: str, scales: list[int]) -> CodebookFeatures:
     (the tokenizer's own, or those of the view the shards were made at)."""
     from tokenflow.models.weights import load_tokenizer
 
-    quantizer = load_tokenizer(storage.local_path(tokenizer_url)).quantizer
-    return CodebookFeatures(tuple(scales), quantizer.semantic_codebook, quantizer.pixel_codebook)
+    return CodebookFeatures.from_quantizer(load_tokenizer(storage.local_path(tokenizer_url)).quantizer,
+                                           tuple(scales))
 
 
 def load_llm_parts(job: dict[str, Any], t: TrainGeneratorConfig | TrainUnderstandingConfig
@@ -60,10 +60,18 @@ def first_examples(urls: list[str], expand: Callable[[TokenSample], list[E]], co
     return out
 
 
-def engine_for(model: nn.Module, t: TrainingConfig, param_groups: list[dict[str, Any]], total_steps: int):
-    """A DeepSpeed engine with AdamW over ``param_groups`` (frozen parameters left out) and the
-    stage's learning-rate schedule over ``total_steps``."""
-    optimizer = torch.optim.AdamW(param_groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+def decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer groups: weight decay on matrices and embedding tables, none on biases and norm
+    gains (the vectors), as the reference's trainers exclude bias and LayerNorm/RMSNorm weights."""
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def engine_for(model: nn.Module, t: TrainingConfig, params: list[nn.Parameter], lr: float, total_steps: int):
+    """A DeepSpeed engine with AdamW over the trainable ``params`` at ``lr`` (:func:`decay_groups`)
+    and the stage's learning-rate schedule over ``total_steps``."""
+    optimizer = torch.optim.AdamW(decay_groups(params, t.weight_decay), lr=lr, betas=t.betas)
     return make_engine(model, optimizer, deepspeed_config(t.deepspeed, t.micro_batch_size, t.grad_accum,
                                                           t.grad_clip), t.lr_schedule, total_steps)
 

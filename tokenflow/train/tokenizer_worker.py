@@ -6,8 +6,10 @@ discriminator, each with its own Adam. The discriminator and the adversarial ter
 collective work (ZeRO partitions, held-out evaluation, checkpoints).
 
 The same loop runs the decoder-only fine-tune (``job["section"] == "finetune_decoder"``): the
-trained export is loaded, everything but the pixel decoder frozen, and only the pixel terms
-train it (no teacher, no scale drop), so the tokens stay exactly those of the trained export.
+tokenizer is rebuilt from the trained export's own config (with this stage's decoder and the
+pipeline's loss settings), the export loaded, everything but the pixel decoder frozen, and only
+the pixel terms train it (no teacher; the training-time scale drop as in the reference). The
+export copies every frozen tensor from the trained file, so the tokens are exactly its tokens.
 """
 
 from __future__ import annotations
@@ -71,16 +73,22 @@ def train_tokenizer_worker(job: dict[str, Any]) -> None:
     cfg = TokenFlowConfig.model_validate(job["config"])
     decoder_only = job["section"] == "finetune_decoder"
     t = getattr(cfg, job["section"])
-    tok = t.tokenizer_config(cfg.tokenizer) if decoder_only else cfg.tokenizer
     rank, world, device = join_worker_group(job["use_gpu"])
     torch.manual_seed(t.seed)  # identical initial weights on every rank
 
-    model = TokenFlowTokenizer(tok, with_teacher=not decoder_only)
+    init_path = storage.local_path(job["init_url"]) if decoder_only else None
     if decoder_only:
-        from tokenflow.models.weights import start_decoder_finetune
+        from tokenflow.models.weights import read_tokenizer_config, start_decoder_finetune
 
-        loaded = start_decoder_finetune(model, storage.local_path(job["init_url"]))
+        trained = read_tokenizer_config(init_path)
+        losses = {k: getattr(cfg.tokenizer, k) for k in ("perceptual", "discriminator", "loss_weights")}
+        tok = t.tokenizer_config(trained.model_copy(update=losses))
+        model = TokenFlowTokenizer(tok, with_teacher=False)
+        loaded = start_decoder_finetune(model, init_path)
         log.info("decoder fine-tune: pixel decoder %s", "from the trained weights" if loaded else "initialised fresh")
+    else:
+        tok = cfg.tokenizer
+        model = TokenFlowTokenizer(tok)
     model = model.to(device)
     disc = PatchDiscriminator(tok.discriminator).to(device)
     loss_fn = TokenizerLoss(tok).to(device)
@@ -116,7 +124,7 @@ def train_tokenizer_worker(job: dict[str, Any]) -> None:
                                        ["held-out", f"reconstruction, step {step}"], scale=2)
                 tracker.artifact(grid, "reconstructions")
         return {"heldout_psnr": float(psnr(recon, heldout).mean()), "heldout_psnr_mean_color": baseline_psnr,
-                **out.profile.metrics(tok.quantizer.scales)}
+                **out.profile.metrics()}
 
     per_step = t.micro_batch_size * t.grad_accum * world
     last_time = time.perf_counter()
@@ -126,7 +134,7 @@ def train_tokenizer_worker(job: dict[str, Any]) -> None:
         for micro in range(t.grad_accum):
             images = stream.next_batch(t.micro_batch_size).to(device)
             generator = torch.Generator().manual_seed(seed_for(t.seed, step, rank, micro))
-            out = gen(images, drop_scale=None if decoder_only else model.sample_drop_scale(generator))
+            out = gen(images, drop_scale=model.sample_drop_scale(generator))
             disc.requires_grad_(False)
             if decoder_only:
                 terms = loss_fn.pixel_terms(images, out.reconstruction, step, dis.module if gan else None)
@@ -162,7 +170,7 @@ def train_tokenizer_worker(job: dict[str, Any]) -> None:
             report_checkpoint(engines, rank, world, {"step": step, "stream": stream.state_dict(),
                                                      "quarantined": [q.__dict__ for q in stream.quarantined]})
 
-    export_tokenizer(model, gen, job["export_url"], rank)
+    export_tokenizer(model, gen, job["export_url"], rank, frozen_from=init_path)
     quarantined = [None] * world
     dist.all_gather_object(quarantined, [q.__dict__ for q in stream.quarantined])
     if rank == 0:
@@ -170,16 +178,21 @@ def train_tokenizer_worker(job: dict[str, Any]) -> None:
             (q for part in quarantined for q in part), key=lambda q: (q["shard"], q["key"])))
 
 
-def export_tokenizer(model: TokenFlowTokenizer, engine: Any, url: str, rank: int) -> None:
-    """Write the inference export (no teacher) from rank 0; gathers ZeRO-3 partitions first."""
+def export_tokenizer(model: TokenFlowTokenizer, engine: Any, url: str, rank: int,
+                     frozen_from: Path | None = None) -> None:
+    """Write the inference export (no teacher) from rank 0; gathers ZeRO-3 partitions first.
+    ``frozen_from`` (the decoder fine-tune): every tensor but the pixel decoder is copied from
+    that trained export, bit for bit, whatever precision the engine ran in."""
     import deepspeed
 
-    from tokenflow.models.weights import save_tokenizer
+    from tokenflow.models.weights import restore_frozen, save_tokenizer
 
     params = [p for name, p in model.named_parameters() if not name.startswith("teacher.")]
     zero3 = engine.zero_optimization_stage() == 3
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
         if rank == 0:
+            if frozen_from is not None:
+                restore_frozen(model, frozen_from)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "tokenizer.safetensors"
                 save_tokenizer(model, path, include_teacher=False)

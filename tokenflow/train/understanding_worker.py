@@ -74,7 +74,7 @@ def train_understanding_worker(job: dict[str, Any]) -> None:
             model.load_state_dict(weights)
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    engine = engine_for(model, t, [{"params": trainable, "lr": lr}], steps)
+    engine = engine_for(model, t, trainable, lr, steps)
 
     def expand(sample) -> list[ChatExample]:
         return caption_examples(sample) if align else conversation_examples(sample, t.split_turns)

@@ -75,7 +75,7 @@ def _pretokenize(cfg: TokenFlowConfig, inputs: Inputs, out: str, parent: str | N
                  for_generation: bool = False) -> dict[str, Any]:
     from tokenflow.stages.pretokenize import run_pretokenize
 
-    view = cfg.train_generator.tokenizer_view if for_generation else None
+    view = cfg.generation_view if for_generation else None
     return run_pretokenize(_manifest(inputs, "corpus"), _tokenizer_url(inputs), out, cfg.pretokenize, view)
 
 
@@ -132,7 +132,7 @@ def stages(cfg: TokenFlowConfig) -> tuple[StageSpec, ...]:
     gen = cfg.train_generator
     if gen is not None:
         tokens = "pretokenize"
-        if gen.tokenizer_view is not None:
+        if cfg.generation_view is not None:
             tokens = "pretokenize_generation"
             specs.append(StageSpec(tokens, ("corpus", "train_tokenizer"),
                                    ("pretokenize", "train_generator.tokenizer_view"),
