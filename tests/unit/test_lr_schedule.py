@@ -44,7 +44,7 @@ def test_schedule_drives_a_torch_optimizer_through_lambda_lr():
 def test_warmup_longer_than_the_run_is_rejected():
     smoke = REPO / "configs" / "pipelines" / "smoke.yaml"
     with pytest.raises(ConfigError, match="warmup_steps"):
-        load_config(smoke, ["train_tokenizer.lr_schedule.warmup_steps=400"])
+        load_config(smoke, ["train_tokenizer.steps=400", "train_tokenizer.lr_schedule.warmup_steps=400"])
     with pytest.raises(ConfigError, match="align_steps"):
         load_config(smoke, ["train_understanding.steps=1000", "train_understanding.align_steps=400",
                             "train_understanding.lr_schedule.warmup_steps=500"])
