@@ -18,7 +18,7 @@ from tokenflow.data.shapes import write_shapes_corpus
 from tokenflow.eval import runners
 from tokenflow.models.generator import NextScaleGenerator
 from tokenflow.models.language_model import build_language_model
-from tokenflow.models.llm_weights import TEXT_TOKENIZER_DIR, WEIGHTS_NAME, save_llm, save_text_tokenizer
+from tokenflow.models.llm_weights import TEXT_TOKENIZER_DIR, WEIGHTS_NAME, generator_meta, save_llm, save_text_tokenizer
 from tokenflow.models.quantizer import CodebookFeatures
 from tokenflow.models.text import IMAGE_END, IMAGE_START, chat_answer, chat_prompt, train_bpe
 from tokenflow.models.tokenizer import TokenFlowTokenizer
@@ -78,9 +78,8 @@ def exports(tmp_path_factory, corpus, tiny_tokenizer_path):
     torch.manual_seed(0)
     lm = build_language_model(lm_cfg, len(tok))
     start, end = tok.convert_tokens_to_ids(IMAGE_START), tok.convert_tokens_to_ids(IMAGE_END)
-    generator = _export(NextScaleGenerator(lm, codebook, start, end, qk_norm=True), lm,
-                        {"kind": "generator", "scales": scales, "image_start_id": start, "image_end_id": end},
-                        root / "generator", tok)
+    model = NextScaleGenerator(lm, codebook, start, end, qk_norm=True)
+    generator = _export(model, lm, generator_meta(model, "sdpa"), root / "generator", tok)
     lm = build_language_model(lm_cfg, len(tok))
     understanding = _export(UnderstandingModel(lm, codebook, tok.bos_token_id), lm,
                             {"kind": "understanding", "scales": scales, "bos_id": tok.bos_token_id},
