@@ -8,7 +8,7 @@ seed 0), three ways, on the same 2-CPU budget:
 (a) the bare model: ``ShardEncoder.encode_images`` (the stage's own fixed-shape micro-batch
     path, micro-batch 16) on images decoded beforehand (not timed), 2 processes x 1 torch thread
     started together: the ceiling;
-(b) ``run_pretokenize`` end to end (read tar -> decode -> encode -> Parquet), 2 actors x 1 CPU
+(b) ``pretokenize_corpus`` end to end (read tar -> decode -> encode -> Parquet), 2 actors x 1 CPU
     (Ray gives each actor OMP_NUM_THREADS=1, so 1 torch thread), Ray already started; "steady"
     subtracts the stage's fixed cost (actor start-up, manifest), measured by running it again
     over the finished output (every shard skipped);
@@ -162,7 +162,7 @@ def main() -> None:
     import ray
 
     from tokenflow.config import load_config
-    from tokenflow.stages.pretokenize import run_pretokenize
+    from tokenflow.stages.pretokenize import pretokenize_corpus
 
     cfg = load_config(SMOKE).pretokenize
     ctx = mp.get_context("spawn")
@@ -195,11 +195,11 @@ def main() -> None:
         def stage(run: str, out: Path, images: int) -> tuple[float, float]:
             load = os.getloadavg()[0]
             start, wall = time.time(), time.monotonic()
-            run_pretokenize(manifest, tokenizer, str(out), cfg)
+            pretokenize_corpus(manifest, tokenizer, str(out), cfg)
             seconds, end = time.monotonic() - wall, time.time()
             cpu, actors = sampler.cpu(start, end), sampler.cpu(start, end, "MapWorker")
             driver = sampler.cpu(start, end, pid=os.getpid())
-            record(f"(b) run_pretokenize, {run}", "2 actors x 1 CPU (1 thread)", images, seconds, cpu, load)
+            record(f"(b) pretokenize_corpus, {run}", "2 actors x 1 CPU (1 thread)", images, seconds, cpu, load)
             cpu_rows.append([run, seconds, cpu, actors, driver, cpu - actors - driver])
             return seconds, cpu
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from tokenflow import storage
 from tokenflow.stages.entry import prepare_stage, stage_parser
-from tokenflow.stages.evaluate import run_eval_generation, run_eval_reconstruction, run_eval_understanding
+from tokenflow.stages.eval_generation import run_eval_generation
+from tokenflow.stages.eval_reconstruction import run_eval_reconstruction
+from tokenflow.stages.eval_understanding import run_eval_understanding
 
 HEADLINE = {"reconstruction": "psnr", "generation": "overall", "understanding": "perception"}
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from tokenflow.config import ConfigError, load_config
+from tokenflow.data.corpus import CorpusError
 from tokenflow.workflow.pipeline import STAGE_NAMES
 from tokenflow.workflow.runner import PlanError, describe, plan, run_pipeline
 
@@ -44,7 +45,7 @@ def main() -> int:
         if args.dry_run:
             print(describe(plan(cfg, storage_root, args.only, args.start)))
             return 0
-    except (ConfigError, PlanError) as exc:
+    except (ConfigError, PlanError, CorpusError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

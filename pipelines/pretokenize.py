@@ -3,14 +3,15 @@
     python pipelines/pretokenize.py --config configs/models/tokenflow-tiny.yaml \\
         --corpus <corpus dir with _MANIFEST.json> --tokenizer <weights.safetensors> --out <URL>
 
-With ``--generation-view`` the tokenizer is used at ``train_generator.tokenizer_view`` (the
-``pretokenize_generation`` stage of the pipeline).
+Untracked (no MLflow run; the pipeline's stage has one). With ``--generation-view`` the
+tokenizer is used at ``train_generator.tokenizer_view`` (the ``pretokenize_generation`` stage of
+the pipeline).
 """
 
 from __future__ import annotations
 
 from tokenflow.stages.entry import prepare_stage, stage_parser
-from tokenflow.stages.pretokenize import run_pretokenize
+from tokenflow.stages.pretokenize import pretokenize_corpus
 
 
 def main() -> None:
@@ -23,7 +24,7 @@ def main() -> None:
     view = cfg.generation_view if args.generation_view else None
     if args.generation_view and view is None:
         parser.error("--generation-view needs train_generator.tokenizer_view in the config")
-    manifest = run_pretokenize(corpus, args.tokenizer, args.out, cfg.pretokenize, view)
+    manifest = pretokenize_corpus(corpus, args.tokenizer, args.out, cfg.pretokenize, view)
     for split, block in manifest["splits"].items():
         print(f"{split}: {block['rows']} tokenized, {block['quarantined']} quarantined")
 

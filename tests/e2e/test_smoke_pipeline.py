@@ -90,5 +90,5 @@ def test_smoke_pipeline_runs_end_to_end_then_is_cached(ray_head, tmp_path):
     assert second.stdout.count(" cached ") == len(STAGES)
 
     dry = _submit(storage, "--dry-run", "--set", "train_generator.steps=601")
-    rerun = sorted(line.split()[0] for line in dry.stdout.splitlines() if " run " in line)
+    rerun = sorted(line.split()[0] for line in dry.stdout.splitlines() if " run " in line or " pending " in line)
     assert rerun == ["eval_generation", "train_generator"]

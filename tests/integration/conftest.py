@@ -39,7 +39,7 @@ def token_shards(ray_local, tmp_path_factory, tiny_tokenizer_path):
     from tokenflow.config import PretokenizeConfig
     from tokenflow.data.manifest import corpus_manifest, index_shard
     from tokenflow.data.shapes import write_shapes_corpus
-    from tokenflow.stages.pretokenize import run_pretokenize
+    from tokenflow.stages.pretokenize import pretokenize_corpus
 
     root = tmp_path_factory.mktemp("llm-data")
     splits = write_shapes_corpus(str(root / "corpus"), num_samples=120, shard_size=30, seed=0,
@@ -47,6 +47,6 @@ def token_shards(ray_local, tmp_path_factory, tiny_tokenizer_path):
     manifest = corpus_manifest({name: [index_shard(u) for u in urls] for name, urls in splits.items()},
                                {"kind": "shapes"})
     out = str(root / "tokens")
-    tokens = run_pretokenize(manifest, str(tiny_tokenizer_path), out,
+    tokens = pretokenize_corpus(manifest, str(tiny_tokenizer_path), out,
                              PretokenizeConfig(batch_size=32, micro_batch=16, num_actors=1))
     return tokens, out

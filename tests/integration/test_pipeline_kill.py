@@ -3,6 +3,7 @@ to an uninterrupted run."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from tokenflow.data.manifest import content_digest
 
 from tests.conftest import REPO
 
@@ -61,4 +64,11 @@ def test_kill_during_pretokenize_then_rerun_matches_a_clean_run(tmp_path):
     subprocess.run(_full(clean, "--only", "pretokenize"), cwd=REPO, env=_env(), check=True, capture_output=True)
     (reference,) = clean.glob("pretokenize/*")
     assert reference.name == out.name
-    assert _tree(out) == _tree(reference)
+    made, expected = _tree(out), _tree(reference)
+    # Each manifest names the MLflow run that wrote it; everything else is byte-identical.
+    manifests = [json.loads(tree.pop("_MANIFEST.json")) for tree in (made, expected)]
+    assert made == expected
+    assert manifests[0]["mlflow_run_id"] != manifests[1]["mlflow_run_id"]
+    assert content_digest(manifests[0]) == content_digest(manifests[1])
+    assert {k: v for k, v in manifests[0].items() if k != "mlflow_run_id"} == {
+        k: v for k, v in manifests[1].items() if k != "mlflow_run_id"}

@@ -22,7 +22,7 @@ from tokenflow.data.manifest import corpus_manifest, index_shard
 from tokenflow.data.shapes import write_shapes_corpus
 from tokenflow.data.token_shards import iter_token_samples, read_table
 from tokenflow.data.verify import verify_token_shards
-from tokenflow.stages.pretokenize import run_pretokenize
+from tokenflow.stages.pretokenize import pretokenize_corpus
 
 from tests.conftest import MODEL_CONFIGS, REPO
 from tests.fixtures.odd_images import odd_image_samples
@@ -73,7 +73,7 @@ def test_odd_formats_tokenized_broken_quarantined_counts_reconcile(ray_local, mi
     out = str(tmp_path / "tokens")
     cfg = PretokenizeConfig(batch_size=8, micro_batch=4, num_actors=2, cpus_per_actor=1,
                             max_image_pixels=4_000_000)
-    manifest = run_pretokenize(mixed_corpus, str(tiny_tokenizer_path), out, cfg)
+    manifest = pretokenize_corpus(mixed_corpus, str(tiny_tokenizer_path), out, cfg)
     assert verify_token_shards(out) == []
 
     odd = next(e for e in manifest["splits"]["train"]["shards"] if e["source"] == "odd-000000.tar")
@@ -106,7 +106,7 @@ def test_parquet_corpus_and_carried_fields(ray_local, tiny_tokenizer_path, tmp_p
     pq.write_table(table, tmp_path / "part-0.parquet")
     corpus = corpus_manifest({"train": [index_shard(str(tmp_path / "part-0.parquet"))]}, source={})
     out = str(tmp_path / "tokens")
-    run_pretokenize(corpus, str(tiny_tokenizer_path), out, PretokenizeConfig(micro_batch=2))
+    pretokenize_corpus(corpus, str(tiny_tokenizer_path), out, PretokenizeConfig(micro_batch=2))
     assert verify_token_shards(out) == []
     samples = list(iter_token_samples([f"{out}/shards/train/part-0.parquet"]))
     assert [(s.key, s.caption, s.json) for s in samples] == [("a", "first", '{"x": 1}'), ("c", None, None)]
@@ -119,7 +119,7 @@ def test_tokens_do_not_depend_on_batch_size(ray_local, mixed_corpus, tiny_tokeni
     trees = []
     for batch_size in (3, 16):
         out = tmp_path / f"bs{batch_size}"
-        run_pretokenize(mixed_corpus, str(tiny_tokenizer_path), str(out),
+        pretokenize_corpus(mixed_corpus, str(tiny_tokenizer_path), str(out),
                         PretokenizeConfig(batch_size=batch_size, micro_batch=4))
         trees.append(_file_tree(out))
     assert trees[0] == trees[1]
@@ -129,10 +129,10 @@ def test_rerun_skips_finished_shards_and_refuses_foreign_outputs(ray_local, mixe
                                                                   tiny_tokenizer_path, tmp_path, tiny_config):
     out = tmp_path / "tokens"
     cfg = PretokenizeConfig(micro_batch=4)
-    run_pretokenize(mixed_corpus, str(tiny_tokenizer_path), str(out), cfg)
+    pretokenize_corpus(mixed_corpus, str(tiny_tokenizer_path), str(out), cfg)
     before = _file_tree(out)
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.parquet")}
-    run_pretokenize(mixed_corpus, str(tiny_tokenizer_path), str(out), cfg)
+    pretokenize_corpus(mixed_corpus, str(tiny_tokenizer_path), str(out), cfg)
     assert _file_tree(out) == before
     assert mtimes == {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.parquet")}
 
@@ -144,12 +144,12 @@ def test_rerun_skips_finished_shards_and_refuses_foreign_outputs(ray_local, mixe
     other = tmp_path / "other.safetensors"
     save_tokenizer(TokenFlowTokenizer(tiny_config, with_teacher=False), other)
     with pytest.raises(Exception, match="made from other inputs"):
-        run_pretokenize(mixed_corpus, str(other), str(out), cfg)
+        pretokenize_corpus(mixed_corpus, str(other), str(out), cfg)
 
 
 def test_verify_catches_a_tampered_shard(ray_local, mixed_corpus, tiny_tokenizer_path, tmp_path):
     out = tmp_path / "tokens"
-    run_pretokenize(mixed_corpus, str(tiny_tokenizer_path), str(out), PretokenizeConfig(micro_batch=4))
+    pretokenize_corpus(mixed_corpus, str(tiny_tokenizer_path), str(out), PretokenizeConfig(micro_batch=4))
     shard = sorted((out / "shards" / "train").glob("shapes-*.parquet"))[0]
     table = pq.read_table(shard)
     tokens = table.column("tokens").to_pylist()
@@ -212,8 +212,8 @@ def test_a_tokenizer_view_makes_its_own_token_shards(ray_local, tmp_path, tiny_t
     manifest = corpus_manifest({n: [index_shard(u) for u in urls] for n, urls in splits.items()}, {"kind": "shapes"})
     cfg = PretokenizeConfig(batch_size=8, micro_batch=4, num_actors=1)
     view = TokenizerView(image_size=72, scales=(1, 2, 3, 4, 6, 8, 9))
-    viewed = run_pretokenize(manifest, str(tiny_tokenizer_path), str(tmp_path / "view"), cfg, view)
-    plain = run_pretokenize(manifest, str(tiny_tokenizer_path), str(tmp_path / "plain"), cfg)
+    viewed = pretokenize_corpus(manifest, str(tiny_tokenizer_path), str(tmp_path / "view"), cfg, view)
+    plain = pretokenize_corpus(manifest, str(tiny_tokenizer_path), str(tmp_path / "plain"), cfg)
     assert viewed["scales"] == [1, 2, 3, 4, 6, 8, 9] and plain["scales"] == [1, 2, 3, 4, 6, 8]
     assert viewed["tokenizer_view"] == {"image_size": 72, "scales": [1, 2, 3, 4, 6, 8, 9]}
     assert plain["tokenizer_view"] is None and viewed["encoding_hash"] != plain["encoding_hash"]

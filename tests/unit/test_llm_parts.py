@@ -18,7 +18,6 @@ from tokenflow.models.quantizer import CodebookFeatures
 from tokenflow.models.text import IMAGE_END, IMAGE_START, SPECIAL_TOKENS, train_bpe
 from tokenflow.models.tokenizer import TokenFlowTokenizer
 from tokenflow.models.understanding import IGNORE, UnderstandingModel, chat_batch
-from tokenflow.train.understanding_worker import parse_yes_no
 
 from tests.unit.test_generator import TINY_LLAMA, TINY_LM
 
@@ -64,7 +63,10 @@ def test_chat_batch_supervises_answers_and_eos_only():
 
 
 def test_parse_yes_no():
-    assert [parse_yes_no(a) for a in ["Yes", "no.", " YES it is", "maybe", ""]] == ["yes", "no", "yes", None, None]
+    from tokenflow.eval.mme import parse_answer  # the one yes/no reader (training probes and MME)
+
+    assert [parse_answer(a) for a in ["Yes", "no.", " YES it is", "maybe", ""]] == ["yes", "no", "yes", "other",
+                                                                                   "other"]
 
 
 @pytest.mark.parametrize("lm_config", [TINY_LM, TINY_LLAMA], ids=["qwen3", "llama+qk_norm"])

@@ -1,45 +1,163 @@
-"""Durable stages: identities, the plan, partial runs."""
+"""Durable stages: identities (what re-runs when one thing changes), the plan, partial runs."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from tokenflow import storage
 from tokenflow.config import load_config
-from tokenflow.workflow.durable import StageOutput, code_version, config_subset
+from tokenflow.workflow.durable import StageOutput, config_subset
+from tokenflow.workflow.identity import PACKAGE, Environment, project_modules
 from tokenflow.workflow.pipeline import downstream, stages
 from tokenflow.workflow.runner import PlanError, describe, plan
 
 from tests.conftest import REPO
 
 SMOKE = REPO / "configs" / "pipelines" / "smoke.yaml"
+LIBRARIES = {"torch": "2.0", "deepspeed": "0.1", "transformers": "4.0", "open_clip_torch": "2.0", "numpy": "1.0",
+             "pillow": "10.0"}
+ENV = Environment(cluster_gpus=False, driver_gpu=False, libraries=LIBRARIES)
 
 
-def _hashes(tmp_path, *overrides: str) -> dict[str, str]:
-    return {p.name: p.output.hash for p in plan(load_config(SMOKE, overrides), str(tmp_path))}
+def _complete_all(root, *overrides: str, env: Environment = ENV) -> dict[str, str]:
+    """Mark every stage of the config complete, resolving identities as the runner does (each
+    stage's manifest names the identity that made it); returns ``{stage: identity}``."""
+    cfg = load_config(SMOKE, overrides)
+    while todo := [p for p in plan(cfg, str(root), env=env) if p.output is not None and not p.cached]:
+        for p in todo:
+            storage.write_json_atomic(p.output.manifest_url, {"kind": p.name, "made_by": p.output.hash})
+    return {p.name: p.output.hash for p in plan(cfg, str(root), env=env)}
 
 
-def test_a_config_change_reruns_exactly_the_dependants(tmp_path):
-    base = _hashes(tmp_path)
-    assert len(set(base.values())) == len(base)
-    cases = {
-        "train_generator.steps=70": {"train_generator", "eval_generation"},
-        "train_generator.sampling.cfg_scale=1.5": {"train_generator", "eval_generation"},
-        "train_understanding.lr=0.0002": {"train_understanding", "eval_understanding"},
-        "pretokenize.micro_batch=8": {"pretokenize", "train_generator", "train_understanding", "eval_generation",
-                                      "eval_understanding"},
-        "train_tokenizer.steps=100": set(base) - {"corpus"},
-        "corpus.shapes.seed=1": set(base),
-        "eval.generation.images_per_prompt=3": {"eval_generation"},
-        "eval.understanding.shapes_per_subtask=5": {"eval_understanding"},
-        "eval.seed=3": {"eval_reconstruction", "eval_generation", "eval_understanding"},
-        "tracking.experiment=other": set(),
-    }
-    for override, expected in cases.items():
-        changed = {name for name, h in _hashes(tmp_path, override).items() if h != base[name]}
-        assert changed == expected, override
+def _reruns(root, *overrides: str, env: Environment = ENV) -> set[str]:
+    """The stages that would run (now, or once their inputs re-run) under ``overrides``."""
+    return {p.name for p in plan(load_config(SMOKE, overrides), str(root), env=env) if not p.cached}
+
+
+@pytest.fixture(scope="module")
+def completed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("storage")
+    return root, _complete_all(root)
+
+
+ALL = {"corpus", "train_tokenizer", "eval_reconstruction", "pretokenize", "train_generator", "train_understanding",
+       "eval_generation", "eval_understanding"}
+
+
+@pytest.mark.parametrize("override,expected", [
+    # included: the config a stage reads
+    ("train_generator.steps=70", {"train_generator", "eval_generation"}),
+    ("train_understanding.lr=0.0002", {"train_understanding", "eval_understanding"}),
+    ("pretokenize.micro_batch=8", {"pretokenize", "train_generator", "train_understanding", "eval_generation",
+                                   "eval_understanding"}),
+    ("pretokenize.compression=snappy", ALL - {"corpus", "train_tokenizer", "eval_reconstruction"}),
+    ("train_tokenizer.steps=100", ALL - {"corpus"}),
+    ("tokenizer.quantizer.beta=0.5", ALL - {"corpus"}),
+    ("corpus.shapes.seed=1", ALL),
+    ("eval.generation.images_per_prompt=3", {"eval_generation"}),
+    ("eval.understanding.shapes_per_subtask=5", {"eval_understanding"}),
+    ("eval.seed=3", {"eval_reconstruction", "eval_generation", "eval_understanding"}),
+    # included where it is used: inference settings belong to the evaluations
+    ("train_generator.sampling.cfg_scale=1.5", {"eval_generation"}),
+    ("train_understanding.max_new_tokens=3", {"eval_understanding"}),
+    # included: the resolved device
+    ("train_generator.use_gpu=true", {"train_generator", "eval_generation"}),
+    ("eval.device=cuda", {"eval_reconstruction", "eval_generation", "eval_understanding"}),
+    # excluded: logging, checkpoint rhythm, held-out probes, worker packing, tracking
+    ("train_tokenizer.log_every=7", set()),
+    ("train_tokenizer.checkpoint_every=9", set()),
+    ("train_tokenizer.image_every=11", set()),
+    ("train_tokenizer.heldout_images=4", set()),
+    ("train_tokenizer.cpus_per_worker=2", set()),
+    ("train_generator.eval_every=13", set()),
+    ("train_generator.sample_prompts=2", set()),
+    ("train_understanding.heldout_questions=10", set()),
+    ("pretokenize.num_actors=1", set()),
+    ("pretokenize.batch_size=32", set()),
+    ("eval.device=cpu", set()),  # what auto resolves to on this (GPU-less) environment
+    ("tracking.experiment=other", set()),
+])
+def test_one_config_change_reruns_exactly_what_it_changes(completed, override, expected):
+    root, base = completed
+    assert len(set(base.values())) == len(base) == len(ALL)
+    assert _reruns(root, override) == expected
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"cluster_gpus": True}, ALL - {"corpus"}),  # the tokenizer trains on GPUs: everything after it
+    ({"driver_gpu": True}, {"eval_reconstruction", "eval_generation", "eval_understanding"}),
+    ({"libraries": {**LIBRARIES, "torch": "2.1"}}, ALL - {"corpus"}),
+    ({"libraries": {**LIBRARIES, "deepspeed": "0.2"}}, ALL - {"corpus"}),
+    ({"libraries": {**LIBRARIES, "pillow": "11.0"}}, ALL),
+    ({"libraries": {**LIBRARIES, "pyarrow": "99"}}, set()),
+])
+def test_the_device_and_library_versions_are_part_of_the_identity(completed, change, expected):
+    root, _ = completed
+    env = Environment(**{"cluster_gpus": False, "driver_gpu": False, "libraries": LIBRARIES, **change})
+    assert _reruns(root, env=env) == expected
+
+
+def test_the_deepspeed_file_contents_are_part_of_the_identity(tmp_path):
+    ds = tmp_path / "zero2.yaml"
+    shutil.copy(REPO / "configs" / "deepspeed" / "zero2.yaml", ds)
+    override = f"train_generator.deepspeed={ds}"
+    _complete_all(tmp_path / "s", override)
+    assert _reruns(tmp_path / "s", override) == set()
+    ds.write_text(ds.read_text() + "\nwall_clock_breakdown: true\n")
+    assert _reruns(tmp_path / "s", override) == {"train_generator", "eval_generation"}
+
+
+def test_inputs_count_by_content(tmp_path):
+    """A changed upstream output re-runs its dependants; a re-run upstream that made the same
+    output (same manifest content) leaves them cached."""
+    base = _complete_all(tmp_path)
+    corpus = StageOutput.under(str(tmp_path), "corpus", base["corpus"])
+    storage.write_json_atomic(corpus.manifest_url, {"kind": "corpus", "made_by": "another corpus"})
+    assert _reruns(tmp_path) == ALL - {"corpus"}
+    storage.write_json_atomic(corpus.manifest_url, {"kind": "corpus", "made_by": base["corpus"],
+                                                     "mlflow_run_id": "another run"})  # bookkeeping only
+    assert _reruns(tmp_path) == set()
+
+    assert _reruns(tmp_path, "train_tokenizer.steps=100") == ALL - {"corpus"}
+    retrained = next(p for p in plan(load_config(SMOKE, ["train_tokenizer.steps=100"]), str(tmp_path), env=ENV)
+                     if p.name == "train_tokenizer")
+    storage.write_json_atomic(retrained.output.manifest_url, {"kind": "train_tokenizer",
+                                                              "made_by": base["train_tokenizer"]})
+    assert _reruns(tmp_path, "train_tokenizer.steps=100") == set()
+
+
+def test_an_indexed_corpus_reruns_when_its_shards_change(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name in ("a.tar", "b.tar"):
+        (shards / name).write_bytes(b"x" * 10)
+    override = f"corpus={{source: url, url: {shards}, heldout_shards: 1}}"
+    _complete_all(tmp_path / "s", override)
+    assert _reruns(tmp_path / "s", override) == set()
+    (shards / "c.tar").write_bytes(b"y")
+    assert _reruns(tmp_path / "s", override) == ALL
+
+
+def test_code_identity_is_the_modules_a_stage_imports(tmp_path):
+    """Editing a module a stage imports re-runs it; editing one it never imports (or anything
+    outside the package: docs, benchmarks) does not."""
+    tokenizer_modules = project_modules("tokenflow.stages.train_tokenizer")
+    assert "tokenflow.train.tokenizer_worker" in tokenizer_modules and "tokenflow.models.quantizer" in tokenizer_modules
+    assert not {"tokenflow.cli", "tokenflow.eval.geneval", "tokenflow.models.sampling",
+                "tokenflow.workflow.runner"} & set(tokenizer_modules)
+    assert all(m.startswith("tokenflow") for m in tokenizer_modules)
+
+    package = tmp_path / "tokenflow"
+    shutil.copytree(PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
+    env = Environment(cluster_gpus=False, driver_gpu=False, libraries=LIBRARIES, package=package)
+    _complete_all(tmp_path / "s", env=env)
+    (package / "cli.py").write_text((package / "cli.py").read_text() + "\n# an unrelated edit\n")
+    assert _reruns(tmp_path / "s", env=Environment(False, False, LIBRARIES, package)) == set()
+    (package / "eval" / "shapes_geneval.py").write_text((package / "eval" / "shapes_geneval.py").read_text() + "\n#\n")
+    assert _reruns(tmp_path / "s", env=Environment(False, False, LIBRARIES, package)) == {"eval_generation"}
 
 
 FINETUNE = "finetune_decoder={steps: 50, decoder_ch: 32, lr_schedule: {warmup_steps: 5}}"
@@ -49,13 +167,15 @@ VIEW = "train_generator.tokenizer_view={image_size: 72, scales: [1, 2, 3, 4, 6, 
 def test_a_decoder_finetune_reruns_the_decoding_evaluations_only(tmp_path):
     """Tokens do not depend on the fine-tuned decoder: adding the stage changes no token shard
     or LLM stage identity, only the evaluations that decode with its export."""
-    base = _hashes(tmp_path)
-    tuned = _hashes(tmp_path, FINETUNE)
+    base = _complete_all(tmp_path)
+    assert _reruns(tmp_path, FINETUNE) == {"finetune_decoder", "eval_reconstruction", "eval_generation"}
+    tuned = _complete_all(tmp_path, FINETUNE)
     assert set(tuned) == set(base) | {"finetune_decoder"}
     assert {n for n in base if tuned[n] != base[n]} == {"eval_reconstruction", "eval_generation"}
-    again = _hashes(tmp_path, FINETUNE, "finetune_decoder.steps=60")
-    assert {n for n in tuned if again[n] != tuned[n]} == {"finetune_decoder", "eval_reconstruction",
-                                                          "eval_generation"}
+    assert _reruns(tmp_path, FINETUNE, "finetune_decoder.steps=60") == {"finetune_decoder", "eval_reconstruction",
+                                                                        "eval_generation"}
+    assert _reruns(tmp_path, FINETUNE, "tokenizer.discriminator.start_step=7") == ALL - {"corpus"} | {
+        "finetune_decoder"}  # the fine-tune trains with the pipeline's loss settings
 
 
 def test_a_generation_view_adds_its_own_token_shards(tmp_path):
@@ -63,7 +183,9 @@ def test_a_generation_view_adds_its_own_token_shards(tmp_path):
     specs = {s.name: s for s in stages(cfg)}
     assert specs["train_generator"].inputs == ("pretokenize_generation", "train_tokenizer")
     assert specs["train_understanding"].inputs == ("pretokenize", "train_tokenizer")
-    base, viewed = _hashes(tmp_path), _hashes(tmp_path, VIEW)
+    base = _complete_all(tmp_path)
+    assert _reruns(tmp_path, VIEW) == {"pretokenize_generation", "train_generator", "eval_generation"}
+    viewed = _complete_all(tmp_path, VIEW)
     assert set(viewed) == set(base) | {"pretokenize_generation"}
     assert {n for n in base if viewed[n] != base[n]} == {"train_generator", "eval_generation"}
 
@@ -85,34 +207,35 @@ def test_stages_without_their_section_are_left_out(tmp_path):
     data.pop("train_generator")
     from tokenflow.config import validate
 
-    names = [p.name for p in plan(validate(data), str(tmp_path))]
+    names = [p.name for p in plan(validate(data), str(tmp_path), env=ENV)]
     assert "train_generator" not in names and "eval_generation" not in names and "train_understanding" in names
     with pytest.raises(PlanError, match="no stage 'train_generator'"):
-        plan(validate(data), str(tmp_path), only="train_generator")
+        plan(validate(data), str(tmp_path), only="train_generator", env=ENV)
 
 
-def test_identity_covers_code_and_is_stable(tmp_path):
-    assert _hashes(tmp_path) == _hashes(tmp_path)
-    assert len(code_version()) == 64
-    assert config_subset({"a": {"b": 1}}, ("a.b", "a.c", "x")) == {"a.b": 1, "a.c": None, "x": None}
+def test_identities_are_stable_and_the_config_subset_leaves_out_exclusions(tmp_path):
+    assert _complete_all(tmp_path) == _complete_all(tmp_path)
+    assert config_subset({"a": {"b": 1, "c": {"d": 2, "e": 3}}}, ("a", "x"), ("a.c.e",)) == {
+        "a": {"b": 1, "c": {"d": 2}}, "x": None}
 
 
 def test_complete_stages_are_cached_and_partial_runs_need_their_inputs(tmp_path):
     cfg = load_config(SMOKE)
-    stages = plan(cfg, str(tmp_path))
-    assert all(p.status == "run" for p in stages)
+    first = plan(cfg, str(tmp_path), env=ENV)
+    assert [p.status for p in first] == ["run"] + ["pending"] * (len(first) - 1)
     with pytest.raises(PlanError, match="pretokenize needs corpus, train_tokenizer"):
-        plan(cfg, str(tmp_path), only="pretokenize")
-    for name in ("corpus", "train_tokenizer"):  # mark both complete
-        output = next(p.output for p in stages if p.name == name)
+        plan(cfg, str(tmp_path), only="pretokenize", env=ENV)
+    for name in ("corpus", "train_tokenizer"):  # mark both complete, in order
+        output = next(p.output for p in plan(cfg, str(tmp_path), env=ENV) if p.name == name)
         storage.write_json_atomic(output.manifest_url, {"kind": name})
-    partial = {p.name: p.status for p in plan(cfg, str(tmp_path), only="pretokenize")}
+    partial = {p.name: p.status for p in plan(cfg, str(tmp_path), only="pretokenize", env=ENV)}
     assert partial["corpus"] == partial["train_tokenizer"] == "cached"
     assert partial["pretokenize"] == "run" and partial["train_generator"] == "skipped"
-    started = {p.name: p.status for p in plan(cfg, str(tmp_path), start="pretokenize")}
-    assert [n for n, s in started.items() if s == "run"] == [
+    started = {p.name: p.status for p in plan(cfg, str(tmp_path), start="pretokenize", env=ENV)}
+    assert [n for n, s in started.items() if s in ("run", "pending")] == [
         "pretokenize", "train_generator", "train_understanding", "eval_generation", "eval_understanding"]
-    assert "eval_reconstruction" in describe(plan(cfg, str(tmp_path)))
+    assert started["eval_reconstruction"] == "skipped"
+    assert "eval_reconstruction" in describe(plan(cfg, str(tmp_path), env=ENV))
 
 
 def test_downstream_and_output_layout(tmp_path):
@@ -133,14 +256,20 @@ def test_full_py_validates_the_config_before_any_cluster_work(tmp_path):
     assert bad.returncode == 2 and "train_generator.steps" in bad.stderr
     dry = subprocess.run([sys.executable, "pipelines/full.py", "--config", str(SMOKE), "--storage", str(tmp_path),
                           "--dry-run"], cwd=REPO, capture_output=True, text=True, check=True)
-    assert dry.stdout.count(" run ") == 8 and not (tmp_path / "corpus").exists()
+    assert dry.stdout.count(" run ") + dry.stdout.count(" pending ") == 8 and not (tmp_path / "corpus").exists()
 
 
 @pytest.mark.parametrize("name,count", [("smoke", 8), ("ci", 8), ("tokenflow-b", 10), ("tokenflow-xl", 9)])
 def test_every_pipeline_config_validates_and_plans(name, count, tmp_path):
     cfg = load_config(REPO / "configs" / "pipelines" / f"{name}.yaml")
+    if cfg.corpus.source == "url":  # planning lists the corpus' shards: here, local stand-ins
+        for split in ("train", "heldout"):
+            (tmp_path / split).mkdir()
+            (tmp_path / split / "000.tar").write_bytes(b"")
+        cfg = cfg.model_copy(update={"corpus": cfg.corpus.model_copy(
+            update={"url": str(tmp_path / "train"), "heldout_url": str(tmp_path / "heldout")})})
     assert cfg.train_generator is not None and cfg.train_understanding is not None
-    assert [p.status for p in plan(cfg, str(tmp_path))] == ["run"] * count
+    assert [p.status for p in plan(cfg, str(tmp_path), env=ENV)] == ["run"] + ["pending"] * (count - 1)
 
 
 def test_tokenflow_b_understands_at_224_and_generates_at_256():

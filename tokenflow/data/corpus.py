@@ -69,6 +69,19 @@ def list_shards(url: str) -> list[str]:
     return urls
 
 
+def shard_listing(url: str) -> dict[str, str]:
+    """``{shard URL: size and version}`` of the shards under ``url``, from file metadata only
+    (ETag, else modification time): it changes when a shard is replaced, added or removed, without
+    reading any shard."""
+    fs, _ = storage.filesystem(url)
+    out = {}
+    for shard in list_shards(url):
+        info = fs.info(storage.filesystem(shard)[1])
+        version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+        out[shard] = f"{info.get('size')}:{version}"
+    return out
+
+
 def _decode_text(data: bytes | None) -> str | None:
     if data is None:
         return None

@@ -1,7 +1,8 @@
-"""Corpus manifests: which shards a corpus has, how many samples each, and their digests.
+"""Manifests: the file every stage output writes last (its presence means complete), and the
+corpus manifest (which shards a corpus has, how many samples each, and their digests).
 
 A manifest is plain JSON with sorted keys; its digest (sha256 of the canonical JSON) identifies
-the corpus in every downstream stage's hash.
+the corpus to every downstream stage.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from tokenflow import storage
 from tokenflow.config import config_hash
 from tokenflow.data.corpus import iter_shard, shard_format
 
+MANIFEST_NAME = "_MANIFEST.json"
 CORPUS_MANIFEST_VERSION = 1
 
 
@@ -39,6 +41,14 @@ def file_digest(url: str, chunk: int = 1 << 20) -> tuple[int, str]:
             digest.update(block)
             size += len(block)
     return size, digest.hexdigest()
+
+
+def directory_digests(url: str) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under a directory URL."""
+    fs, root = storage.filesystem(url)
+    root = root.rstrip("/")
+    return {path[len(root) + 1 :]: file_digest(storage.join(url, path[len(root) + 1 :]))[1]
+            for path in sorted(fs.find(root))}
 
 
 def index_shard(url: str) -> ShardRecord:
@@ -73,9 +83,14 @@ def corpus_manifest(splits: dict[str, list[ShardRecord]], source: dict[str, Any]
     }
 
 
-def manifest_digest(manifest: dict[str, Any]) -> str:
-    """Stable digest of a manifest's content."""
-    return config_hash(manifest)
+# What a manifest records about the run that made it, not about what it made.
+RUN_FIELDS = ("mlflow_run_id", "config_hash", "inputs")
+
+
+def content_digest(manifest: dict[str, Any]) -> str:
+    """Digest of what a stage output holds (its manifest without :data:`RUN_FIELDS`): a stage
+    that re-runs and makes the same output keeps it, so its dependants stay cached."""
+    return config_hash({k: v for k, v in manifest.items() if k not in RUN_FIELDS})
 
 
 def shard_records(manifest: dict[str, Any], split: str) -> list[ShardRecord]:

@@ -27,7 +27,6 @@ from tokenflow import storage
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"tokenflow"
-MANIFEST_NAME = "_MANIFEST.json"
 QUARANTINE_NAME = "_QUARANTINE.parquet"
 QUARANTINE_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),

@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow.compute as pc
 
 from tokenflow import storage
-from tokenflow.data.manifest import file_digest
-from tokenflow.data.token_shards import MANIFEST_NAME, read_shard_info, read_table, token_schema
+from tokenflow.data.manifest import MANIFEST_NAME, file_digest
+from tokenflow.data.token_shards import read_shard_info, read_table, token_schema
 
 
 def _check_shard(out_url: str, split: str, entry: dict[str, Any], manifest: dict[str, Any],

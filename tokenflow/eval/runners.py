@@ -35,7 +35,7 @@ from tokenflow.models.sampling import sample_tokens
 from tokenflow.models.text import generation_prompt
 from tokenflow.models.tokenizer import TokenFlowTokenizer
 from tokenflow.models.understanding import UnderstandingModel
-from tokenflow.train.harness import seed_for
+from tokenflow.seeding import seed_for
 from tokenflow.viz import to_uint8
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,7 @@
-"""The corpus stage: build the shapes corpus or index existing shards, and write its manifest."""
+"""The corpus stage: build the shapes corpus or index existing shards, and write its manifest.
+
+``run_corpus`` is the pipeline stage (its own MLflow run); ``build_corpus`` the same work
+without tracking (the ``tokenflow`` CLI, tests, benchmarks)."""
 
 from __future__ import annotations
 
@@ -6,11 +9,11 @@ import logging
 from typing import Any
 
 from tokenflow import storage
-from tokenflow.config import CorpusConfig
+from tokenflow.config import CorpusConfig, TokenFlowConfig
 from tokenflow.data.corpus import CorpusError, list_shards
-from tokenflow.data.manifest import ShardRecord, corpus_manifest, index_shard
+from tokenflow.data.manifest import MANIFEST_NAME, ShardRecord, corpus_manifest, index_shard
 from tokenflow.data.shapes import write_shapes_corpus
-from tokenflow.data.token_shards import MANIFEST_NAME
+from tokenflow.stages.stage_run import RunLink, StageRun
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +43,8 @@ def index_shards(urls: list[str]) -> list[ShardRecord]:
     return ray.get([task.remote(u) for u in urls])
 
 
-def build_corpus(cfg: CorpusConfig, out_url: str) -> dict[str, Any]:
-    """Make or index the corpus, write ``<out_url>/_MANIFEST.json`` last, and return the manifest."""
+def make_corpus(cfg: CorpusConfig, out_url: str) -> dict[str, Any]:
+    """Make or index the corpus; returns its manifest (not yet written)."""
     splits = corpus_splits(cfg, out_url)
     records = {split: index_shards(urls) for split, urls in splits.items()}
     source = cfg.model_dump(mode="json")
@@ -49,5 +52,17 @@ def build_corpus(cfg: CorpusConfig, out_url: str) -> dict[str, Any]:
     for split, block in manifest["splits"].items():
         log.info("corpus %s: %d shards, %d samples, %.1f MB", split, len(block["shards"]),
                  block["samples"], block["bytes"] / 1e6)
+    return manifest
+
+
+def build_corpus(cfg: CorpusConfig, out_url: str) -> dict[str, Any]:
+    """Make or index the corpus, write ``<out_url>/_MANIFEST.json`` last, and return the manifest."""
+    manifest = make_corpus(cfg, out_url)
     storage.write_json_atomic(storage.join(out_url, MANIFEST_NAME), manifest)
     return manifest
+
+
+def run_corpus(cfg: TokenFlowConfig, out_url: str, link: RunLink | None = None) -> dict[str, Any]:
+    """The pipeline's corpus stage: :func:`make_corpus` in its MLflow run; returns the manifest."""
+    with StageRun(cfg, "corpus", {"corpus"}, out_url, {}, link) as run:
+        return run.finish(make_corpus(cfg.corpus, out_url))

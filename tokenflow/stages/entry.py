@@ -8,7 +8,7 @@ from typing import Any
 
 from tokenflow import storage
 from tokenflow.config import TokenFlowConfig, load_config
-from tokenflow.data.token_shards import MANIFEST_NAME
+from tokenflow.data.manifest import MANIFEST_NAME
 
 
 def stage_parser(doc: str | None, input_stage: str = "corpus") -> argparse.ArgumentParser:

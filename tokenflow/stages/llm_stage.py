@@ -1,26 +1,25 @@
-"""Driver-side parts both LLM stages share: inputs and checks, the MLflow run, the text
+"""Driver-side parts both LLM stages share: inputs and checks, the stage's run, the text
 tokenizer, the workers' common job fields, the unigram baseline and the stage manifest."""
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from tokenflow import storage
-from tokenflow.config import ConfigError, LanguageModelConfig, TokenFlowConfig, TokenizerView
+from tokenflow.config import ConfigError, LanguageModelConfig, TokenFlowConfig, TokenizerView, config_hash
 from tokenflow.data.examples import training_texts
-from tokenflow.data.manifest import file_digest, manifest_digest
-from tokenflow.data.token_shards import MANIFEST_NAME, TokenShardError, iter_token_samples
+from tokenflow.data.manifest import content_digest, directory_digests, file_digest
+from tokenflow.data.token_shards import TokenShardError, iter_token_samples
 from tokenflow.models.llm_weights import TEXT_TOKENIZER_DIR, WEIGHTS_NAME, save_text_tokenizer
 from tokenflow.models.text import load_text_tokenizer, train_bpe
 from tokenflow.models.weights import file_sha256
+from tokenflow.stages.stage_run import RunLink, StageRun
 from tokenflow.stages.training import resolve_use_gpu
-from tokenflow.workflow.tracking import start_stage_run
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +63,6 @@ def unigram_entropy(urls: list[str], codebook_size: int) -> float:
     return float(-(p * np.log(p)).sum()) if p.size else math.nan
 
 
-@dataclass(frozen=True)
-class LLMStageStart:
-    """What :func:`start_llm_stage` prepared: the workers' common job fields and the run."""
-
-    job: dict[str, Any]
-    run_id: str
-    config_hash: str
-    inputs: dict[str, str]  # input name -> digest
-
-
 def check_view(token_manifest: dict[str, Any], token_url: str, view: TokenizerView | None) -> None:
     """Raise unless the token shards were made at ``view`` (None: the tokenizer as trained)."""
     made = token_manifest.get("tokenizer_view")
@@ -83,48 +72,40 @@ def check_view(token_manifest: dict[str, Any], token_url: str, view: TokenizerVi
                               f"the stage needs {wanted} (pretokenize_generation makes the generator's)")
 
 
-def start_llm_stage(cfg: TokenFlowConfig, stage: str, token_manifest: dict[str, Any], token_url: str,
-                    tokenizer_url: str, out_url: str, parent_run_id: str | None,
-                    view: TokenizerView | None = None) -> LLMStageStart:
-    """Check the inputs (made by this tokenizer, at ``view``), open (or reopen) the stage's MLflow
-    run, prepare the text tokenizer in the export directory, and assemble the job fields every
-    LLM worker reads."""
-    t = getattr(cfg, stage)
-    if t is None:
+def open_llm_stage(cfg: TokenFlowConfig, stage: str, token_manifest: dict[str, Any], token_url: str,
+                   tokenizer_url: str, out_url: str, link: RunLink | None,
+                   view: TokenizerView | None = None) -> StageRun:
+    """Check the inputs (made by this tokenizer, at ``view``) and return the stage's run, to be
+    entered (``with``) around the training."""
+    if getattr(cfg, stage) is None:
         raise ConfigError(f"the config has no {stage} section")
     check_view(token_manifest, token_url, view)
-    inputs = {"token_manifest": manifest_digest(token_manifest),
+    inputs = {"token_manifest": content_digest(token_manifest),
               "tokenizer": check_tokenizer(token_manifest, tokenizer_url)}
-    tracking_uri, run_id, params = start_stage_run(cfg, stage, {stage}, out_url, inputs, parent_run_id)
+    return StageRun(cfg, stage, {stage}, out_url, inputs, link)
+
+
+def llm_job_fields(cfg: TokenFlowConfig, stage: str, run: StageRun, token_manifest: dict[str, Any],
+                   token_url: str, tokenizer_url: str, out_url: str) -> dict[str, Any]:
+    """Prepare the text tokenizer in the export directory and return the fields of
+    :class:`~tokenflow.train.jobs.LLMJob` every LLM worker reads."""
+    t = getattr(cfg, stage)
     train_urls = token_shard_urls(token_manifest, token_url, "train")
     export_dir = storage.join(out_url, EXPORT_DIR)
     text_tokenizer_url = storage.join(export_dir, TEXT_TOKENIZER_DIR)
     prepare_text_tokenizer(t.language_model, train_urls, text_tokenizer_url)
-    job = {
-        "config": cfg.model_dump(mode="json"),
-        "train_urls": train_urls,
-        "heldout_urls": token_shard_urls(token_manifest, token_url, "heldout"),
-        "tokenizer_url": tokenizer_url,
-        "token_scales": token_manifest["scales"],
-        "text_tokenizer_url": text_tokenizer_url,
-        "use_gpu": resolve_use_gpu(t.use_gpu),
-        "tracking_uri": tracking_uri,
-        "mlflow_run_id": run_id,
-        "export_dir": export_dir,
-    }
-    return LLMStageStart(job, run_id, params["config_hash"], inputs)
+    return {"config": cfg, "use_gpu": resolve_use_gpu(t.use_gpu), "tracking_uri": run.tracking_uri,
+            "mlflow_run_id": run.run_id, "train_urls": train_urls,
+            "heldout_urls": token_shard_urls(token_manifest, token_url, "heldout"), "tokenizer_url": tokenizer_url,
+            "token_scales": token_manifest["scales"], "text_tokenizer_url": text_tokenizer_url,
+            "export_dir": export_dir}
 
 
-def finish_llm_stage(start: LLMStageStart, out_url: str, steps: int, kind: str) -> dict[str, Any]:
-    """Tag the export's digest on the run, write the stage manifest last, close the run."""
-    import mlflow
-
+def finish_llm_stage(run: StageRun, out_url: str, steps: int, kind: str) -> dict[str, Any]:
+    """Tag the export's digest on the run and finish it (the stage manifest written last)."""
     size, sha = file_digest(storage.join(out_url, EXPORT_DIR, WEIGHTS_NAME))
-    client = mlflow.MlflowClient()
-    client.set_tag(start.run_id, "tokenflow.model_sha256", sha)
-    manifest = {"kind": kind, "model": {"path": f"{EXPORT_DIR}/{WEIGHTS_NAME}", "bytes": size, "sha256": sha},
-                "text_tokenizer": f"{EXPORT_DIR}/{TEXT_TOKENIZER_DIR}", "steps": steps,
-                "config_hash": start.config_hash, "inputs": start.inputs, "mlflow_run_id": start.run_id}
-    storage.write_json_atomic(storage.join(out_url, MANIFEST_NAME), manifest)
-    client.set_terminated(start.run_id, "FINISHED")
-    return manifest
+    text_digest = config_hash(directory_digests(storage.join(out_url, EXPORT_DIR, TEXT_TOKENIZER_DIR)))
+    run.tag("tokenflow.model_sha256", sha)
+    return run.finish({"kind": kind, "model": {"path": f"{EXPORT_DIR}/{WEIGHTS_NAME}", "bytes": size, "sha256": sha},
+                       "text_tokenizer": {"path": f"{EXPORT_DIR}/{TEXT_TOKENIZER_DIR}", "digest": text_digest},
+                       "steps": steps})

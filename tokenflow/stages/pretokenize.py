@@ -4,6 +4,8 @@ Ray Data schedules whole shards onto a pool of actors (one tokenizer each, a GPU
 cluster has GPUs). Each actor writes its token shard atomically; shards already present are
 skipped, so a killed run resumes where it stopped and ends byte-identical to an uninterrupted
 one. The manifest is written last, after every count has been reconciled with the corpus.
+``run_pretokenize`` is the pipeline stage (its own MLflow run); ``pretokenize_corpus`` the same
+work without tracking.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokenflow import storage
-from tokenflow.config import PretokenizeConfig, TokenizerView
-from tokenflow.data.manifest import ShardRecord, file_digest, manifest_digest, shard_records
+from tokenflow.config import PretokenizeConfig, TokenFlowConfig, TokenizerView
+from tokenflow.data.manifest import MANIFEST_NAME, ShardRecord, content_digest, file_digest, shard_records
 from tokenflow.data.shard_encoder import (ShardEncoder, encoding_hash, quarantine_part_url,
                                           token_shard_url)
-from tokenflow.data.token_shards import (MANIFEST_NAME, QUARANTINE_NAME, QUARANTINE_SCHEMA,
+from tokenflow.data.token_shards import (QUARANTINE_NAME, QUARANTINE_SCHEMA,
                                          SCHEMA_VERSION, TokenShardError, parquet_bytes,
                                          read_shard_info, read_table)
+from tokenflow.stages.stage_run import RunLink, StageRun
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +63,34 @@ def _resolve_gpus(cfg: PretokenizeConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def run_pretokenize(corpus_manifest: dict[str, Any], tokenizer_url: str, out_url: str,
-                    cfg: PretokenizeConfig, view: TokenizerView | None = None) -> dict[str, Any]:
+def run_pretokenize(cfg: TokenFlowConfig, stage: str, corpus_manifest: dict[str, Any], tokenizer_url: str,
+                    out_url: str, view: TokenizerView | None = None, link: RunLink | None = None) -> dict[str, Any]:
+    """The pipeline's ``pretokenize`` (or, at ``view``, ``pretokenize_generation``) stage: the
+    token shards in the stage's MLflow run; returns the manifest."""
+    from tokenflow.models.weights import file_sha256
+
+    inputs = {"corpus_manifest": content_digest(corpus_manifest),
+              "tokenizer": file_sha256(storage.local_path(tokenizer_url))}
+    with StageRun(cfg, stage, {"pretokenize"}, out_url, inputs, link) as run:
+        manifest = encode_corpus(corpus_manifest, tokenizer_url, out_url, cfg.pretokenize, view)
+        run.metrics({f"{split}/{key}": float(block[key]) for split, block in manifest["splits"].items()
+                     for key in ("rows", "quarantined")})
+        return run.finish(manifest)
+
+
+def pretokenize_corpus(corpus_manifest: dict[str, Any], tokenizer_url: str, out_url: str,
+                       cfg: PretokenizeConfig, view: TokenizerView | None = None) -> dict[str, Any]:
     """Tokenize every shard of every split of a corpus into ``out_url`` (with the tokenizer at
-    ``view`` when given); returns the manifest."""
+    ``view`` when given); writes and returns the manifest."""
+    manifest = encode_corpus(corpus_manifest, tokenizer_url, out_url, cfg, view)
+    storage.write_json_atomic(storage.join(out_url, MANIFEST_NAME), manifest)
+    return manifest
+
+
+def encode_corpus(corpus_manifest: dict[str, Any], tokenizer_url: str, out_url: str,
+                  cfg: PretokenizeConfig, view: TokenizerView | None = None) -> dict[str, Any]:
+    """Encode every shard not yet encoded, then reconcile them all; returns the manifest (not
+    yet written)."""
     import ray
 
     items = [{"split": split, **asdict(r)} for split in corpus_manifest["splits"]
@@ -95,7 +122,7 @@ def run_pretokenize(corpus_manifest: dict[str, Any], tokenizer_url: str, out_url
 
 def finalize(corpus_manifest: dict[str, Any], out_url: str, tokenizer_url: str,
              cfg: PretokenizeConfig, view: TokenizerView | None = None) -> dict[str, Any]:
-    """Reconcile every shard with the corpus, merge the quarantine, write the manifest last."""
+    """Reconcile every shard with the corpus and merge the quarantine; returns the manifest."""
     from tokenflow.models.weights import file_sha256
 
     tokenizer_digest = file_sha256(storage.local_path(tokenizer_url))
@@ -137,7 +164,7 @@ def finalize(corpus_manifest: dict[str, Any], out_url: str, tokenizer_url: str,
     manifest = {
         "kind": "token_shards",
         "schema_version": SCHEMA_VERSION,
-        "inputs": {"corpus_manifest": manifest_digest(corpus_manifest), "tokenizer": tokenizer_digest},
+        "inputs": {"corpus_manifest": content_digest(corpus_manifest), "tokenizer": tokenizer_digest},
         "encoding_hash": encoding_hash(tokenizer_digest, cfg.micro_batch, view),
         "tokenizer_view": view.model_dump(mode="json") if view is not None else None,
         "scales": list(first_info.scales) if first_info else [],
@@ -146,7 +173,6 @@ def finalize(corpus_manifest: dict[str, Any], out_url: str, tokenizer_url: str,
         "quarantine": {"path": QUARANTINE_NAME, "rows": quarantine.num_rows, "bytes": q_size,
                        "sha256": q_sha},
     }
-    storage.write_json_atomic(storage.join(out_url, MANIFEST_NAME), manifest)
     return manifest
 
 

@@ -14,22 +14,25 @@ from __future__ import annotations
 from typing import Any
 
 from tokenflow.config import TokenFlowConfig
-from tokenflow.stages.llm_stage import finish_llm_stage, start_llm_stage, unigram_entropy
+from tokenflow.stages.llm_stage import finish_llm_stage, llm_job_fields, open_llm_stage, unigram_entropy
+from tokenflow.stages.stage_run import RunLink
 from tokenflow.stages.training import fit
+from tokenflow.train.jobs import GeneratorJob
 
 STAGE = "train_generator"
 TRAIN_RUN_NAME = "train"
 
 
 def run_train_generator(cfg: TokenFlowConfig, token_manifest: dict[str, Any], token_url: str,
-                        tokenizer_url: str, out_url: str, parent_run_id: str | None = None) -> dict[str, Any]:
+                        tokenizer_url: str, out_url: str, link: RunLink | None = None) -> dict[str, Any]:
     """Train (or resume training) the generator; returns the stage manifest."""
     from tokenflow.train.generator_worker import train_generator_worker
 
     t = cfg.train_generator
-    start = start_llm_stage(cfg, STAGE, token_manifest, token_url, tokenizer_url, out_url, parent_run_id,
-                            cfg.generation_view)
-    job = {**start.job,
-           "unigram_entropy": unigram_entropy(start.job["train_urls"], token_manifest["codebook_size"])}
-    fit(train_generator_worker, job, t, out_url, TRAIN_RUN_NAME)
-    return finish_llm_stage(start, out_url, t.steps, "generator")
+    with open_llm_stage(cfg, STAGE, token_manifest, token_url, tokenizer_url, out_url, link,
+                        cfg.generation_view) as run:
+        fields = llm_job_fields(cfg, STAGE, run, token_manifest, token_url, tokenizer_url, out_url)
+        job = GeneratorJob(**fields, unigram_entropy=unigram_entropy(fields["train_urls"],
+                                                                     token_manifest["codebook_size"]))
+        fit(train_generator_worker, job, t, out_url, TRAIN_RUN_NAME)
+        return finish_llm_stage(run, out_url, t.steps, "generator")

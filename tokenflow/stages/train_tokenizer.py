@@ -15,25 +15,25 @@ from typing import Any
 
 from tokenflow import storage
 from tokenflow.config import ConfigError, TokenFlowConfig
-from tokenflow.data.manifest import file_digest, manifest_digest, shard_records
-from tokenflow.data.token_shards import MANIFEST_NAME
+from tokenflow.data.manifest import content_digest, file_digest, shard_records
 from tokenflow.models.weights import file_sha256
+from tokenflow.stages.stage_run import RunLink, StageRun
 from tokenflow.stages.training import fit, resolve_use_gpu
-from tokenflow.workflow.tracking import start_stage_run
+from tokenflow.train.jobs import TokenizerJob
 
 TRAIN_RUN_NAME = "train"
 EXPORT_NAME = "tokenizer.safetensors"
 
 
 def run_train_tokenizer(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any], out_url: str,
-                        parent_run_id: str | None = None) -> dict[str, Any]:
+                        link: RunLink | None = None) -> dict[str, Any]:
     """Train (or resume training) the tokenizer; returns the stage manifest."""
     return _run_tokenizer_stage(cfg, "train_tokenizer", {"tokenizer", "train_tokenizer"}, corpus_manifest, out_url,
-                                parent_run_id, {}, {})
+                                link, {}, None)
 
 
 def run_finetune_decoder(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any], tokenizer_url: str,
-                         tokenizer_sha256: str, out_url: str, parent_run_id: str | None = None) -> dict[str, Any]:
+                         tokenizer_sha256: str, out_url: str, link: RunLink | None = None) -> dict[str, Any]:
     """Fine-tune only the pixel decoder of the tokenizer export at ``tokenizer_url`` (the
     reference's second phase); its export decodes the same tokens. Returns the stage manifest."""
     if cfg.finetune_decoder is None:
@@ -42,44 +42,26 @@ def run_finetune_decoder(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any], 
     if found != tokenizer_sha256:
         raise ValueError(f"{tokenizer_url} has sha256 {found[:12]}, its stage recorded {tokenizer_sha256[:12]}")
     return _run_tokenizer_stage(cfg, "finetune_decoder", {"tokenizer", "finetune_decoder"}, corpus_manifest,
-                                out_url, parent_run_id, {"tokenizer": tokenizer_sha256}, {"init_url": tokenizer_url})
+                                out_url, link, {"tokenizer": tokenizer_sha256}, tokenizer_url)
 
 
 def _run_tokenizer_stage(cfg: TokenFlowConfig, section: str, logged: set[str], corpus_manifest: dict[str, Any],
-                         out_url: str, parent_run_id: str | None, inputs: dict[str, str],
-                         job_extra: dict[str, Any]) -> dict[str, Any]:
-    import mlflow
-
+                         out_url: str, link: RunLink | None, inputs: dict[str, str],
+                         init_url: str | None) -> dict[str, Any]:
     from tokenflow.train.tokenizer_worker import train_tokenizer_worker
 
     t = getattr(cfg, section)
-    inputs = {"corpus_manifest": manifest_digest(corpus_manifest), **inputs}
-    tracking_uri, run_id, params = start_stage_run(cfg, section, logged, out_url, inputs, parent_run_id)
-    job = {
-        "config": cfg.model_dump(mode="json"),
-        "section": section,
-        "train_shards": [r.__dict__ for r in shard_records(corpus_manifest, "train")],
-        "heldout_shards": [r.__dict__ for r in shard_records(corpus_manifest, "heldout")],
-        "use_gpu": resolve_use_gpu(t.use_gpu),
-        "tracking_uri": tracking_uri,
-        "mlflow_run_id": run_id,
-        "export_url": storage.join(out_url, EXPORT_NAME),
-        "quarantine_url": storage.join(out_url, "quarantine.json"),
-        **job_extra,
-    }
-    fit(train_tokenizer_worker, job, t, out_url, TRAIN_RUN_NAME)
-    size, sha = file_digest(job["export_url"])
-    client = mlflow.MlflowClient()
-    client.set_tag(run_id, "tokenflow.tokenizer_sha256", sha)
-    manifest = {
-        "kind": "tokenizer",
-        "tokenizer": {"path": EXPORT_NAME, "bytes": size, "sha256": sha},
-        "quarantine": "quarantine.json",
-        "steps": t.steps,
-        "config_hash": params["config_hash"],
-        "inputs": inputs,
-        "mlflow_run_id": run_id,
-    }
-    storage.write_json_atomic(storage.join(out_url, MANIFEST_NAME), manifest)
-    client.set_terminated(run_id, "FINISHED")
-    return manifest
+    inputs = {"corpus_manifest": content_digest(corpus_manifest), **inputs}
+    with StageRun(cfg, section, logged, out_url, inputs, link) as run:
+        job = TokenizerJob(
+            config=cfg, use_gpu=resolve_use_gpu(t.use_gpu), tracking_uri=run.tracking_uri,
+            mlflow_run_id=run.run_id, section=section,
+            train_shards=shard_records(corpus_manifest, "train"),
+            heldout_shards=shard_records(corpus_manifest, "heldout"),
+            export_url=storage.join(out_url, EXPORT_NAME), quarantine_url=storage.join(out_url, "quarantine.json"),
+            init_url=init_url)
+        fit(train_tokenizer_worker, job, t, out_url, TRAIN_RUN_NAME)
+        size, sha = file_digest(job.export_url)
+        run.tag("tokenflow.tokenizer_sha256", sha)
+        return run.finish({"kind": "tokenizer", "tokenizer": {"path": EXPORT_NAME, "bytes": size, "sha256": sha},
+                           "quarantine": "quarantine.json", "steps": t.steps})

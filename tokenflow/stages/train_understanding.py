@@ -13,23 +13,26 @@ from typing import Any
 
 from tokenflow import storage
 from tokenflow.config import TokenFlowConfig
-from tokenflow.stages.llm_stage import finish_llm_stage, start_llm_stage
+from tokenflow.stages.llm_stage import finish_llm_stage, llm_job_fields, open_llm_stage
+from tokenflow.stages.stage_run import RunLink
 from tokenflow.stages.training import fit
+from tokenflow.train.jobs import UnderstandingJob
 
 STAGE = "train_understanding"
 
 
 def run_train_understanding(cfg: TokenFlowConfig, token_manifest: dict[str, Any], token_url: str,
-                            tokenizer_url: str, out_url: str, parent_run_id: str | None = None) -> dict[str, Any]:
+                            tokenizer_url: str, out_url: str, link: RunLink | None = None) -> dict[str, Any]:
     """Align then fine-tune (or resume either); returns the stage manifest."""
     from tokenflow.train.understanding_worker import ALIGNED_FILE, train_understanding_worker
 
-    start = start_llm_stage(cfg, STAGE, token_manifest, token_url, tokenizer_url, out_url, parent_run_id)
     t = cfg.train_understanding
-    job = {**start.job,
-           "aligned_url": storage.join(out_url, "align", ALIGNED_FILE) if t.align_steps else None}
-    if t.align_steps and not storage.exists(job["aligned_url"]):  # written atomically, last
-        fit(train_understanding_worker, {**job, "phase": "align"}, t.model_copy(update={"steps": t.align_steps}),
-            out_url, "align")
-    fit(train_understanding_worker, {**job, "phase": "finetune"}, t, out_url, "finetune")
-    return finish_llm_stage(start, out_url, t.align_steps + t.steps, "understanding")
+    with open_llm_stage(cfg, STAGE, token_manifest, token_url, tokenizer_url, out_url, link) as run:
+        fields = llm_job_fields(cfg, STAGE, run, token_manifest, token_url, tokenizer_url, out_url)
+        aligned_url = storage.join(out_url, "align", ALIGNED_FILE) if t.align_steps else None
+        if t.align_steps and not storage.exists(aligned_url):  # written atomically, last
+            fit(train_understanding_worker, UnderstandingJob(**fields, phase="align", aligned_url=aligned_url),
+                t.model_copy(update={"steps": t.align_steps}), out_url, "align")
+        fit(train_understanding_worker, UnderstandingJob(**fields, phase="finetune", aligned_url=aligned_url),
+            t, out_url, "finetune")
+        return finish_llm_stage(run, out_url, t.align_steps + t.steps, "understanding")

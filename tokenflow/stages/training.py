@@ -6,6 +6,7 @@ import logging
 from typing import Any, Callable
 
 from tokenflow.config import TrainingConfig
+from tokenflow.train.jobs import WorkerJob
 
 log = logging.getLogger(__name__)
 
@@ -19,17 +20,21 @@ def resolve_use_gpu(setting: bool | str) -> bool:
     return bool(setting)
 
 
-def fit(worker: Callable[[dict[str, Any]], None], job: dict[str, Any], t: TrainingConfig,
-        out_url: str, run_name: str) -> None:
-    """Run ``worker`` on ``t.num_workers`` Ray Train workers. Checkpoints live under
+def _run_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker entry: the stage's worker function on its typed job."""
+    config["worker"](config["job"])
+
+
+def fit(worker: Callable[[Any], None], job: WorkerJob, t: TrainingConfig, out_url: str, run_name: str) -> None:
+    """Run ``worker(job)`` on ``t.num_workers`` Ray Train workers. Checkpoints live under
     ``<out_url>/<run_name>``; calling this again with the same arguments resumes from the latest."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    use_gpu = job["use_gpu"]
+    use_gpu = job.use_gpu
     trainer = TorchTrainer(
-        worker,
-        train_loop_config=job,
+        _run_worker,
+        train_loop_config={"worker": worker, "job": job},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

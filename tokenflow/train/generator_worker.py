@@ -1,4 +1,5 @@
-"""The per-worker text-to-image training loop (next-scale prediction) run by Ray Train.
+"""The text-to-image (next-scale prediction) training task, run by every Ray Train worker
+through :func:`tokenflow.train.loop.run_loop`.
 
 Every rank runs the same forward passes for evaluation and sampling (ZeRO-3 gathers are
 collective); rank 0 logs to MLflow and writes the sample grids.
@@ -8,23 +9,24 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tokenflow import storage
-from tokenflow.config import TokenFlowConfig, TrainGeneratorConfig
+from tokenflow.config import TrainGeneratorConfig
 from tokenflow.data.examples import GenerationExample, generation_example
 from tokenflow.models.generator import NextScaleGenerator, TextBatch, left_pad, scale_losses
 from tokenflow.models.llm_weights import WEIGHTS_NAME, generator_meta
 from tokenflow.models.sampling import sample_tokens
 from tokenflow.models.text import IMAGE_END, IMAGE_START, generation_prompt
-from tokenflow.train.harness import (Tracker, all_reduce_mean, join_worker_group, report_checkpoint, restore,
-                                     seed_for)
+from tokenflow.seeding import seed_for
+from tokenflow.train.harness import Tracker, join_worker_group
+from tokenflow.train.jobs import GeneratorJob
 from tokenflow.train.llm_common import (engine_for, example_stream, export_llm, first_examples, load_llm_parts,
                                         special_id)
+from tokenflow.train.loop import Schedule, run_loop
 
 log = logging.getLogger(__name__)
 
@@ -50,88 +52,87 @@ class _Prompts:
         return TextBatch(text.ids.to(device), text.mask.to(device))
 
 
-def train_generator_worker(job: dict[str, Any]) -> None:
-    """Train loop for one Ray Train worker; ``job`` is built by the stage driver."""
-    cfg = TokenFlowConfig.model_validate(job["config"])
-    t = cfg.train_generator
-    rank, world, device = join_worker_group(job["use_gpu"])
+class GeneratorTask:
+    """The next-scale prediction step for :func:`run_loop`: one DeepSpeed engine over the LM and
+    its image-token embedding/projector; captions dropped to the empty prompt with
+    ``cond_drop_prob`` for classifier-free guidance."""
 
-    tok, codebook, lm = load_llm_parts(job, t)
-    model = NextScaleGenerator(lm, codebook, special_id(tok, IMAGE_START), special_id(tok, IMAGE_END),
-                               t.qk_norm).to(device)
-    engine = engine_for(model, t, [p for p in model.parameters() if p.requires_grad], t.lr, t.steps)
-    prompts = _Prompts(tok, t.language_model.max_text_tokens)
+    def __init__(self, job: GeneratorJob, rank: int, world: int, device: torch.device, tracker: Tracker):
+        self.t = t = job.config.train_generator
+        self.job, self.rank, self.device, self.tracker = job, rank, device, tracker
+        tok, self.codebook, self.lm = load_llm_parts(job, t)
+        self.model = NextScaleGenerator(self.lm, self.codebook, special_id(tok, IMAGE_START),
+                                        special_id(tok, IMAGE_END), t.qk_norm).to(device)
+        self.engine = engine_for(self.model, t, [p for p in self.model.parameters() if p.requires_grad], t.lr,
+                                 t.steps)
+        self.engines = {"generator": self.engine}
+        self.rates = {"image_tokens_per_s": float(self.codebook.num_tokens)}
+        self.prompts = _Prompts(tok, t.language_model.max_text_tokens)
+        self.stream = example_stream(job.train_urls, _expand, rank, world, t.seed)
+        self.heldout = first_examples(job.heldout_urls, _expand, t.heldout_samples)
+        if not self.heldout:
+            raise ValueError("the held-out token shards hold no samples")
+        self.sample_captions = [e.caption for e in self.heldout if e.caption][: t.sample_prompts]
+        self.unconditional = 0
 
-    stream = example_stream(job["train_urls"], _expand, rank, world, t.seed)
-    heldout = first_examples(job["heldout_urls"], _expand, t.heldout_samples)
-    if not heldout:
-        raise ValueError("the held-out token shards hold no samples")
-    sample_captions = [e.caption for e in heldout if e.caption][: t.sample_prompts]
-    step, unconditional = 0, 0
-    state = restore({"generator": engine}, rank, world)
-    if state is not None:
-        step, unconditional = state["step"], state["unconditional"]
-        stream.load_state_dict(state["stream"])
-        prompts.truncated = state["truncated"]
-    tracker = Tracker(job, rank)
+    def micro_step(self, step: int, micro: int) -> dict[str, float]:
+        t = self.t
+        examples = [self.stream.next()[1] for _ in range(t.micro_batch_size)]
+        drop = torch.rand(len(examples), generator=torch.Generator().manual_seed(
+            seed_for(t.seed, step, self.rank, micro))) < t.cond_drop_prob
+        captions = ["" if d else e.caption for e, d in zip(examples, drop.tolist())]
+        self.unconditional += sum(1 for c in captions if not c)
+        tokens = torch.stack([torch.from_numpy(e.tokens) for e in examples]).to(self.device)
+        out = self.engine(self.prompts.batch(captions, self.device), tokens)
+        self.engine.backward(out.loss)
+        self.engine.step()
+        return {"loss/image_tokens": float(out.loss.detach())}
 
-    def evaluate() -> dict[str, float]:
-        model.eval()
+    def log_values(self) -> dict[str, float]:
+        return {"unconditional_examples": float(self.unconditional),
+                "truncated_prompts": float(self.prompts.truncated)}
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out token loss (overall and per scale) and, on rank 0, a grid of samples."""
+        t, scales = self.t, self.codebook.scales
+        self.model.eval()
         total, count = 0.0, 0
-        per_scale = torch.zeros(len(codebook.scales), dtype=torch.float64)
+        per_scale = torch.zeros(len(scales), dtype=torch.float64)
         with torch.no_grad():
-            for start in range(0, len(heldout), t.micro_batch_size):
-                chunk = heldout[start : start + t.micro_batch_size]
-                tokens = torch.stack([torch.from_numpy(e.tokens) for e in chunk]).to(device)
-                out = engine.module(prompts.batch([e.caption for e in chunk], device), tokens)
+            for start in range(0, len(self.heldout), t.micro_batch_size):
+                chunk = self.heldout[start : start + t.micro_batch_size]
+                tokens = torch.stack([torch.from_numpy(e.tokens) for e in chunk]).to(self.device)
+                out = self.engine.module(self.prompts.batch([e.caption for e in chunk], self.device), tokens)
                 total += float(out.loss) * len(chunk)
-                per_scale += scale_losses(out.logits, tokens, codebook.scales).double().cpu() * len(chunk)
+                per_scale += scale_losses(out.logits, tokens, scales).double().cpu() * len(chunk)
                 count += len(chunk)
-        values = {"heldout/loss": total / count, "heldout/unigram_entropy": job["unigram_entropy"],
+        values = {"heldout/loss": total / count, "heldout/unigram_entropy": self.job.unigram_entropy,
                   **{f"heldout/loss/scale_{i}_{s}": float(v) / count
-                     for i, (s, v) in enumerate(zip(codebook.scales, per_scale))}}
-        if sample_captions:
-            _log_samples(engine.module, prompts, sample_captions, t, step, device, tracker, job["tokenizer_url"])
-        model.train()
+                     for i, (s, v) in enumerate(zip(scales, per_scale))}}
+        if self.sample_captions:
+            _log_samples(self.engine.module, self.prompts, self.sample_captions, t, step, self.device, self.tracker,
+                         self.job.tokenizer_url)
+        self.model.train()
         return values
 
-    per_step = t.micro_batch_size * t.grad_accum * world
-    last_time = time.perf_counter()
-    while step < t.steps:
-        loss_sum = 0.0
-        for micro in range(t.grad_accum):
-            examples = [stream.next()[1] for _ in range(t.micro_batch_size)]
-            drop = torch.rand(len(examples), generator=torch.Generator().manual_seed(
-                seed_for(t.seed, step, rank, micro))) < t.cond_drop_prob
-            captions = ["" if d else e.caption for e, d in zip(examples, drop.tolist())]
-            unconditional += sum(1 for c in captions if not c)
-            tokens = torch.stack([torch.from_numpy(e.tokens) for e in examples]).to(device)
-            out = engine(prompts.batch(captions, device), tokens)
-            engine.backward(out.loss)
-            engine.step()
-            loss_sum += float(out.loss.detach()) / t.grad_accum
-        step += 1
+    def state_dict(self) -> dict[str, Any]:
+        return {"stream": self.stream.state_dict(), "unconditional": self.unconditional,
+                "truncated": self.prompts.truncated}
 
-        if step % t.log_every == 0 or step == t.steps:
-            values = all_reduce_mean({"loss/image_tokens": loss_sum}, world)
-            now = time.perf_counter()
-            rate = per_step * t.log_every / max(now - last_time, 1e-9)
-            values.update({"lr": engine.optimizer.param_groups[0]["lr"], "samples_per_s": rate,
-                           "image_tokens_per_s": rate * codebook.num_tokens,
-                           "unconditional_examples": float(unconditional),
-                           "truncated_prompts": float(prompts.truncated)})
-            last_time = now
-            if step % t.eval_every == 0 or step == t.steps:
-                values.update(evaluate())
-            tracker.metrics(values, step)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state["stream"])
+        self.unconditional, self.prompts.truncated = state["unconditional"], state["truncated"]
 
-        if step % t.checkpoint_every == 0 or step == t.steps:
-            report_checkpoint({"generator": engine}, rank, world,
-                              {"step": step, "stream": stream.state_dict(), "unconditional": unconditional,
-                               "truncated": prompts.truncated})
 
-    export_llm(model, engine, rank, lm, generator_meta(model, t.language_model.attn_implementation),
-               storage.join(job["export_dir"], WEIGHTS_NAME))
+def train_generator_worker(job: GeneratorJob) -> None:
+    """One Ray Train worker: train, then export the generator."""
+    rank, world, device = join_worker_group(job.use_gpu)
+    tracker = Tracker(job, rank)
+    task = GeneratorTask(job, rank, world, device, tracker)
+    t = task.t
+    run_loop(task, Schedule.of(t, t.eval_every), tracker, rank, world, "train_generator")
+    export_llm(task.model, task.engine, rank, task.lm, generator_meta(task.model, t.language_model.attn_implementation),
+               storage.join(job.export_dir, WEIGHTS_NAME))
 
 
 def _log_samples(model: NextScaleGenerator, prompts: _Prompts, captions: list[str], t: TrainGeneratorConfig,

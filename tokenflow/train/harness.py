@@ -1,5 +1,6 @@
-"""What every Ray Train worker loop shares: seeds, metric reduction, MLflow logging from rank
-0, checkpoint report/restore through Ray Train, and ZeRO-3-safe weight gathering."""
+"""What every Ray Train worker shares: joining the worker group, metric reduction, MLflow
+logging from rank 0, checkpoint report/restore through Ray Train, and ZeRO-3-safe weight
+gathering. The loop itself is :mod:`tokenflow.train.loop`."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from tokenflow.train.checkpoint import load_checkpoint, save_checkpoint
+from tokenflow.train.jobs import WorkerJob
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,6 @@ def join_worker_group(use_gpu: bool) -> tuple[int, int, torch.device]:
     return ctx.get_world_rank(), ctx.get_world_size(), device
 
 
-def seed_for(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (stable across processes, unlike str hashes)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
 def all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
     """The mean of each value over all ranks (collective)."""
     keys = sorted(values)
@@ -47,14 +43,13 @@ def all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, floa
 class Tracker:
     """Rank 0's MLflow logging into the stage's run; a no-op on other ranks."""
 
-    def __init__(self, job: dict[str, Any], rank: int):
-        self.active = rank == 0 and job.get("mlflow_run_id") is not None
+    def __init__(self, job: WorkerJob, rank: int):
+        self.active = rank == 0 and job.mlflow_run_id is not None
         if self.active:
             import mlflow
 
-            mlflow.set_tracking_uri(job["tracking_uri"])
-            self.client = mlflow.MlflowClient()
-            self.run_id = job["mlflow_run_id"]
+            self.client = mlflow.MlflowClient(job.tracking_uri)
+            self.run_id = job.mlflow_run_id
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         if self.active:

@@ -17,6 +17,7 @@ from tokenflow.models.llm_weights import load_text_tokenizer_dir, save_llm
 from tokenflow.models.quantizer import CodebookFeatures
 from tokenflow.train.engines import deepspeed_config, make_engine
 from tokenflow.train.harness import gathered_state_dict
+from tokenflow.train.jobs import LLMJob
 from tokenflow.train.sharded_stream import ShardedStream
 
 E = TypeVar("E")
@@ -31,12 +32,12 @@ def load_codebook(tokenizer_url: str, scales: list[int]) -> CodebookFeatures:
                                            tuple(scales))
 
 
-def load_llm_parts(job: dict[str, Any], t: TrainGeneratorConfig | TrainUnderstandingConfig
+def load_llm_parts(job: LLMJob, t: TrainGeneratorConfig | TrainUnderstandingConfig
                    ) -> tuple[PreTrainedTokenizerBase, CodebookFeatures, PreTrainedModel]:
     """The stage's text tokenizer, the frozen codebooks and the LM, built from ``t.seed`` so every
     rank (and every phase of a stage) starts from identical weights."""
-    tok = load_text_tokenizer_dir(job["text_tokenizer_url"])
-    codebook = load_codebook(job["tokenizer_url"], job["token_scales"])
+    tok = load_text_tokenizer_dir(job.text_tokenizer_url)
+    codebook = load_codebook(job.tokenizer_url, job.token_scales)
     torch.manual_seed(t.seed)
     return tok, codebook, build_language_model(t.language_model, len(tok))
 

@@ -1,11 +1,12 @@
-"""The per-worker tokenizer training loop run by Ray Train (``TorchTrainer``).
+"""The tokenizer's training task, run by every Ray Train (``TorchTrainer``) worker through
+:func:`tokenflow.train.loop.run_loop`.
 
 Each worker holds two DeepSpeed engines: the tokenizer (generator) and the PatchGAN
 discriminator, each with its own Adam. The discriminator and the adversarial term start at
 ``tokenizer.discriminator.start_step``. Rank 0 logs to MLflow; every rank takes part in the
 collective work (ZeRO partitions, held-out evaluation, checkpoints).
 
-The same loop runs the decoder-only fine-tune (``job["section"] == "finetune_decoder"``): the
+The same task runs the decoder-only fine-tune (``job.section == "finetune_decoder"``): the
 tokenizer is rebuilt from the trained export's own config (with this stage's decoder and the
 pipeline's loss settings), the export loaded, everything but the pixel decoder frozen, and only
 the pixel terms train it (no teacher; the training-time scale drop as in the reference). The
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +24,22 @@ import torch
 import torch.distributed as dist
 
 from tokenflow import storage
-from tokenflow.config import TokenFlowConfig
-from tokenflow.data.decode import DecodeError, decode_image, preprocess
 from tokenflow.data.corpus import iter_shard
+from tokenflow.data.decode import DecodeError, decode_image, preprocess
 from tokenflow.data.manifest import ShardRecord
 from tokenflow.eval.image_metrics import mean_color_baseline, psnr
 from tokenflow.models.codebook_usage import usage_and_perplexity
 from tokenflow.models.discriminator import PatchDiscriminator
 from tokenflow.models.losses import TokenizerLoss
 from tokenflow.models.tokenizer import TokenFlowTokenizer
+from tokenflow.seeding import seed_for
 from tokenflow.train.engines import deepspeed_config, make_engine
-from tokenflow.train.harness import (Tracker, all_reduce_mean, join_worker_group, report_checkpoint, restore,
-                                     seed_for)
+from tokenflow.train.harness import Tracker, join_worker_group
 from tokenflow.train.image_stream import ImageStream, QuarantinedSample
+from tokenflow.train.jobs import TokenizerJob
+from tokenflow.train.loop import Schedule, run_loop
 
 log = logging.getLogger(__name__)
-
-LOSS_TERMS = ("total", "l2", "semantic", "vq", "commit", "perceptual", "gan", "disc")
 
 
 def heldout_images(records: list[ShardRecord], count: int, image_size: int) -> torch.Tensor:
@@ -60,121 +59,109 @@ def heldout_images(records: list[ShardRecord], count: int, image_size: int) -> t
     return torch.stack(images)
 
 
-def _global_usage(model: TokenFlowTokenizer) -> tuple[float, float]:
-    counts = model.usage.counts.double()
-    dist.all_reduce(counts)
-    return usage_and_perplexity(counts)
+class TokenizerTask:
+    """The tokenizer (or decoder-only) training step for :func:`run_loop`: two DeepSpeed engines,
+    the tokenizer and the PatchGAN discriminator, each with its own Adam."""
 
+    def __init__(self, job: TokenizerJob, rank: int, world: int, device: torch.device, tracker: Tracker):
+        cfg = job.config
+        self.t = t = getattr(cfg, job.section)
+        self.rank, self.device, self.tracker = rank, device, tracker
+        self.decoder_only = job.decoder_only
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        self.init_path = storage.local_path(job.init_url) if job.init_url else None
+        if self.decoder_only:
+            from tokenflow.models.weights import read_tokenizer_config, start_decoder_finetune
 
-def train_tokenizer_worker(job: dict[str, Any]) -> None:
-    """Train loop for one Ray Train worker; ``job`` is built by the stage driver."""
-    from tokenflow.viz import save_image_grid
+            trained = read_tokenizer_config(self.init_path)
+            losses = {k: getattr(cfg.tokenizer, k) for k in ("perceptual", "discriminator", "loss_weights")}
+            tok = t.tokenizer_config(trained.model_copy(update=losses))
+            model = TokenFlowTokenizer(tok, with_teacher=False)
+            loaded = start_decoder_finetune(model, self.init_path)
+            log.info("decoder fine-tune: pixel decoder %s", "from the trained weights" if loaded else "initialised fresh")
+        else:
+            tok = cfg.tokenizer
+            model = TokenFlowTokenizer(tok)
+        self.model = model.to(device)
+        disc = PatchDiscriminator(tok.discriminator).to(device)
+        self.loss_fn = TokenizerLoss(tok).to(device)
+        ds_cfg = deepspeed_config(t.deepspeed, t.micro_batch_size, t.grad_accum, t.grad_clip)
+        self.gen = make_engine(self.model, torch.optim.Adam(self.model.trainable_parameters(), lr=t.lr,
+                                                            betas=t.betas), ds_cfg, t.lr_schedule, t.steps)
+        self.dis = make_engine(disc, torch.optim.Adam(disc.parameters(), lr=t.lr, betas=t.betas), ds_cfg)  # constant lr
+        self.engines = {"generator": self.gen, "discriminator": self.dis}
+        self.rates: dict[str, float] = {}
+        self.stream = ImageStream(job.train_shards, rank, world, t.seed, tok.image_size, t.augment.min_scale,
+                                  t.max_image_pixels)
+        self.heldout = heldout_images(job.heldout_shards, t.heldout_images, tok.image_size).to(device)
+        self.baseline_psnr = float(psnr(mean_color_baseline(self.heldout), self.heldout).mean())
 
-    cfg = TokenFlowConfig.model_validate(job["config"])
-    decoder_only = job["section"] == "finetune_decoder"
-    t = getattr(cfg, job["section"])
-    rank, world, device = join_worker_group(job["use_gpu"])
-    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    def micro_step(self, step: int, micro: int) -> dict[str, float]:
+        gan = self.loss_fn.gan_active(step)
+        images = self.stream.next_batch(self.t.micro_batch_size).to(self.device)
+        generator = torch.Generator().manual_seed(seed_for(self.t.seed, step, self.rank, micro))
+        out = self.gen(images, drop_scale=self.model.sample_drop_scale(generator))
+        disc = self.dis.module
+        disc.requires_grad_(False)
+        if self.decoder_only:
+            terms = self.loss_fn.pixel_terms(images, out.reconstruction, step, disc if gan else None)
+        else:
+            terms = self.loss_fn.generator_terms(images, out, step, disc if gan else None)
+        disc.requires_grad_(True)
+        self.gen.backward(terms["total"])
+        self.gen.step()
+        values = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
+        values.setdefault("loss/gan", 0.0)
+        values["loss/disc"] = 0.0
+        if gan:
+            d_loss = self.loss_fn.discriminator_loss(self.dis, images, out.reconstruction)
+            self.dis.backward(d_loss)
+            self.dis.step()
+            values["loss/disc"] = float(d_loss.detach())
+        return values
 
-    init_path = storage.local_path(job["init_url"]) if decoder_only else None
-    if decoder_only:
-        from tokenflow.models.weights import read_tokenizer_config, start_decoder_finetune
+    def log_values(self) -> dict[str, float]:
+        counts = self.model.usage.counts.double()
+        dist.all_reduce(counts)
+        usage, perplexity = usage_and_perplexity(counts)
+        return {"codebook/usage": usage, "codebook/perplexity": perplexity,
+                "quarantined": float(len(self.stream.quarantined))}
 
-        trained = read_tokenizer_config(init_path)
-        losses = {k: getattr(cfg.tokenizer, k) for k in ("perceptual", "discriminator", "loss_weights")}
-        tok = t.tokenizer_config(trained.model_copy(update=losses))
-        model = TokenFlowTokenizer(tok, with_teacher=False)
-        loaded = start_decoder_finetune(model, init_path)
-        log.info("decoder fine-tune: pixel decoder %s", "from the trained weights" if loaded else "initialised fresh")
-    else:
-        tok = cfg.tokenizer
-        model = TokenFlowTokenizer(tok)
-    model = model.to(device)
-    disc = PatchDiscriminator(tok.discriminator).to(device)
-    loss_fn = TokenizerLoss(tok).to(device)
-    ds_cfg = deepspeed_config(t.deepspeed, t.micro_batch_size, t.grad_accum, t.grad_clip)
-    gen = make_engine(model, torch.optim.Adam(model.trainable_parameters(), lr=t.lr, betas=t.betas), ds_cfg,
-                      t.lr_schedule, t.steps)
-    dis = make_engine(disc, torch.optim.Adam(disc.parameters(), lr=t.lr, betas=t.betas), ds_cfg)  # constant lr
-    engines = {"generator": gen, "discriminator": dis}
+    def evaluate(self, step: int) -> dict[str, float]:
+        from tokenflow.viz import save_image_grid
 
-    train = [ShardRecord(**r) for r in job["train_shards"]]
-    stream = ImageStream(train, rank, world, t.seed, tok.image_size, t.augment.min_scale, t.max_image_pixels)
-    heldout = heldout_images([ShardRecord(**r) for r in job["heldout_shards"]], t.heldout_images,
-                             tok.image_size).to(device)
-    baseline_psnr = float(psnr(mean_color_baseline(heldout), heldout).mean())
-
-    step = 0
-    state = restore(engines, rank, world)
-    if state is not None:
-        step = state["step"]
-        stream.load_state_dict(state["stream"])
-        stream.quarantined = [QuarantinedSample(**q) for q in state["quarantined"]]
-    tracker = Tracker(job, rank)
-
-    def evaluate() -> dict[str, float]:
-        model.eval()
+        self.model.eval()
         with torch.no_grad():
-            out = gen.module(heldout)
-        model.train()
+            out = self.gen.module(self.heldout)
+        self.model.train()
         recon = ((out.reconstruction + 1) / 2).clamp(0, 1)
-        if tracker.active:
+        if self.tracker.active:
             with tempfile.TemporaryDirectory() as tmp:
-                grid = save_image_grid(Path(tmp) / f"heldout_step{step:07d}.png", [heldout.cpu(), recon.cpu()],
+                grid = save_image_grid(Path(tmp) / f"heldout_step{step:07d}.png", [self.heldout.cpu(), recon.cpu()],
                                        ["held-out", f"reconstruction, step {step}"], scale=2)
-                tracker.artifact(grid, "reconstructions")
-        return {"heldout_psnr": float(psnr(recon, heldout).mean()), "heldout_psnr_mean_color": baseline_psnr,
-                **out.profile.metrics()}
+                self.tracker.artifact(grid, "reconstructions")
+        return {"heldout_psnr": float(psnr(recon, self.heldout).mean()),
+                "heldout_psnr_mean_color": self.baseline_psnr, **out.profile.metrics()}
 
-    per_step = t.micro_batch_size * t.grad_accum * world
-    last_time = time.perf_counter()
-    while step < t.steps:
-        terms_sum: dict[str, float] = {}
-        gan = loss_fn.gan_active(step)
-        for micro in range(t.grad_accum):
-            images = stream.next_batch(t.micro_batch_size).to(device)
-            generator = torch.Generator().manual_seed(seed_for(t.seed, step, rank, micro))
-            out = gen(images, drop_scale=model.sample_drop_scale(generator))
-            disc.requires_grad_(False)
-            if decoder_only:
-                terms = loss_fn.pixel_terms(images, out.reconstruction, step, dis.module if gan else None)
-            else:
-                terms = loss_fn.generator_terms(images, out, step, dis.module if gan else None)
-            disc.requires_grad_(True)
-            gen.backward(terms["total"])
-            gen.step()
-            if gan:
-                d_loss = loss_fn.discriminator_loss(dis, images, out.reconstruction)
-                dis.backward(d_loss)
-                dis.step()
-                terms["disc"] = d_loss
-            for k, v in terms.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / t.grad_accum
-        step += 1
+    def state_dict(self) -> dict[str, Any]:
+        return {"stream": self.stream.state_dict(), "quarantined": [q.__dict__ for q in self.stream.quarantined]}
 
-        if step % t.log_every == 0 or step == t.steps:
-            values = all_reduce_mean({f"loss/{k}": terms_sum.get(k, 0.0) for k in LOSS_TERMS
-                                       if k in terms_sum or k in ("gan", "disc")}, world)
-            usage, perplexity = _global_usage(model)
-            now = time.perf_counter()
-            values.update({"codebook/usage": usage, "codebook/perplexity": perplexity,
-                           "lr": gen.optimizer.param_groups[0]["lr"],
-                           "samples_per_s": per_step * t.log_every / max(now - last_time, 1e-9),
-                           "quarantined": float(len(stream.quarantined))})
-            last_time = now
-            if step % t.image_every == 0 or step == t.steps:
-                values.update(evaluate())
-            tracker.metrics(values, step)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state["stream"])
+        self.stream.quarantined = [QuarantinedSample(**q) for q in state["quarantined"]]
 
-        if step % t.checkpoint_every == 0 or step == t.steps:
-            report_checkpoint(engines, rank, world, {"step": step, "stream": stream.state_dict(),
-                                                     "quarantined": [q.__dict__ for q in stream.quarantined]})
 
-    export_tokenizer(model, gen, job["export_url"], rank, frozen_from=init_path)
+def train_tokenizer_worker(job: TokenizerJob) -> None:
+    """One Ray Train worker: train, export, and write the merged quarantine list."""
+    rank, world, device = join_worker_group(job.use_gpu)
+    tracker = Tracker(job, rank)
+    task = TokenizerTask(job, rank, world, device, tracker)
+    run_loop(task, Schedule.of(task.t, task.t.image_every), tracker, rank, world, job.section)
+    export_tokenizer(task.model, task.gen, job.export_url, rank, frozen_from=task.init_path)
     quarantined = [None] * world
-    dist.all_gather_object(quarantined, [q.__dict__ for q in stream.quarantined])
+    dist.all_gather_object(quarantined, [q.__dict__ for q in task.stream.quarantined])
     if rank == 0:
-        storage.write_json_atomic(job["quarantine_url"], sorted(
+        storage.write_json_atomic(job.quarantine_url, sorted(
             (q for part in quarantined for q in part), key=lambda q: (q["shard"], q["key"])))
 
 

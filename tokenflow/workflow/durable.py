@@ -1,52 +1,35 @@
-"""Durable stages: identity hashes, output locations and completion.
+"""Durable stages: output locations, completion, and the config subset a stage reads.
 
-A stage's identity is the sha256 of (stage name, the config subset it reads, its inputs'
-identities, the code version). Inputs are named by their own identity hashes (a Merkle chain),
-so the whole plan is known before anything runs; the manifests' content digests are recorded
-in MLflow as the inputs actually read. Output lives under ``<storage>/<stage>/<hash12>/`` and is
-complete exactly when its ``_MANIFEST.json`` exists (every stage writes it last, atomically).
+A stage's output lives under ``<storage>/<stage>/<identity hash12>/`` (tokenflow.workflow.identity)
+and is complete exactly when its ``_MANIFEST.json`` exists (every stage writes it last,
+atomically).
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from tokenflow import storage
-from tokenflow.config import canonical_json
-from tokenflow.data.token_shards import MANIFEST_NAME
-
-_PACKAGE = Path(__file__).resolve().parents[1]
+from tokenflow.data.manifest import MANIFEST_NAME
 
 
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """sha256 over the ``tokenflow`` package's Python sources (path and bytes, sorted): any code
-    change gives every stage a new identity."""
-    digest = hashlib.sha256()
-    for path in sorted(_PACKAGE.rglob("*.py")):
-        digest.update(str(path.relative_to(_PACKAGE)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def config_subset(config: dict[str, Any], paths: tuple[str, ...]) -> dict[str, Any]:
-    """``{dotted path: value}`` of the config parts a stage reads (missing sections are None)."""
+def config_subset(config: dict[str, Any], paths: tuple[str, ...], exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``{dotted path: value}`` of the config parts a stage reads (missing sections are None),
+    without the ``exclude`` dotted paths inside them."""
     out = {}
     for path in paths:
         node: Any = config
         for part in path.split("."):
             node = node.get(part) if isinstance(node, dict) else None
-        out[path] = node
+        out[path] = _without(node, path, exclude)
     return out
 
 
-def stage_hash(name: str, config: dict[str, Any], input_hashes: dict[str, str], code: str) -> str:
-    """The stage's identity (hex sha256)."""
-    return hashlib.sha256(canonical_json({"stage": name, "config": config, "inputs": input_hashes,
-                                          "code": code}).encode()).hexdigest()
+def _without(node: Any, path: str, exclude: tuple[str, ...]) -> Any:
+    if not isinstance(node, dict):
+        return node
+    return {k: _without(v, f"{path}.{k}", exclude) for k, v in node.items() if f"{path}.{k}" not in exclude}
 
 
 @dataclass(frozen=True)

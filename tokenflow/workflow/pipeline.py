@@ -19,15 +19,27 @@ from functools import partial
 from typing import Any, Callable
 
 from tokenflow import storage
-from tokenflow.config import TokenFlowConfig
+from tokenflow.config import TokenFlowConfig, config_hash
+from tokenflow.stages.stage_run import RunLink
 from tokenflow.workflow.durable import StageOutput
 
 Inputs = dict[str, StageOutput]
-Runner = Callable[[TokenFlowConfig, Inputs, str, str | None], dict[str, Any]]
+Runner = Callable[[TokenFlowConfig, Inputs, str, RunLink], dict[str, Any]]
 
 STAGE_NAMES = ("corpus", "train_tokenizer", "finetune_decoder", "eval_reconstruction", "pretokenize",
                "pretokenize_generation", "train_generator", "train_understanding", "eval_generation",
                "eval_understanding")
+
+MODEL_LIBRARIES = ("torch", "transformers", "open_clip_torch")
+TRAINING_LIBRARIES = MODEL_LIBRARIES + ("deepspeed",)
+CORPUS_LIBRARIES = ("numpy", "pillow")  # the shapes corpus is drawn with them
+
+# Settings that change what a stage logs or how fast it runs, never its output.
+_TRAINING_LOGGING = ("log_every", "checkpoint_every", "cpus_per_worker", "use_gpu")
+
+
+def _excluded(section: str, *keys: str) -> tuple[str, ...]:
+    return tuple(f"{section}.{k}" for k in _TRAINING_LOGGING + keys)
 
 
 @dataclass(frozen=True)
@@ -35,8 +47,12 @@ class StageSpec:
     name: str
     inputs: tuple[str, ...]  # upstream stage names
     config: tuple[str, ...]  # dotted config paths the stage reads (its identity)
-    run: Runner  # (config, upstream outputs, output URL, parent MLflow run id) -> manifest
-    tracks_itself: bool = True  # opens its own MLflow run (else the driver opens one)
+    module: str  # the stage's module: its code identity is what this module imports
+    run: Runner  # (config, upstream outputs, output URL, run link) -> manifest
+    exclude: tuple[str, ...] = ()  # dotted paths inside ``config`` that never change the output
+    device: str | None = None  # "eval", "pretokenize" or a training section: how its device resolves
+    libraries: tuple[str, ...] = MODEL_LIBRARIES
+    sources: Callable[[TokenFlowConfig], dict[str, str]] | None = None  # data read from outside the pipeline
 
 
 def _manifest(inputs: Inputs, name: str) -> dict[str, Any]:
@@ -52,103 +68,140 @@ def _model_dir(inputs: Inputs, stage: str) -> str:
     return storage.join(inputs[stage].url, _manifest(inputs, stage)["model"]["path"].rsplit("/", 1)[0])
 
 
-def _corpus(cfg: TokenFlowConfig, inputs: Inputs, out: str, parent: str | None) -> dict[str, Any]:
-    from tokenflow.stages.corpus import build_corpus
+def _corpus_sources(cfg: TokenFlowConfig) -> dict[str, str]:
+    """An indexed corpus' shards, by size and version (a shapes corpus is made from the config)."""
+    from tokenflow.data.corpus import CorpusError, shard_listing
 
-    return build_corpus(cfg.corpus, out)
+    c = cfg.corpus
+    if c.source == "shapes":
+        return {}
+    listing: dict[str, str] = {}
+    for url in filter(None, (c.url, c.heldout_url)):
+        try:
+            listing.update(shard_listing(url))
+        except CorpusError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - fsspec backends raise many types
+            raise CorpusError(f"cannot list the corpus at {url} (its shards identify the corpus stage): "
+                              f"{type(exc).__name__}: {exc}") from exc
+    return {"source_shards": config_hash(listing)}
 
 
-def _train_tokenizer(cfg: TokenFlowConfig, inputs: Inputs, out: str, parent: str | None) -> dict[str, Any]:
+def _corpus(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink) -> dict[str, Any]:
+    from tokenflow.stages.corpus import run_corpus
+
+    return run_corpus(cfg, out, link)
+
+
+def _train_tokenizer(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink) -> dict[str, Any]:
     from tokenflow.stages.train_tokenizer import run_train_tokenizer
 
-    return run_train_tokenizer(cfg, _manifest(inputs, "corpus"), out, parent)
+    return run_train_tokenizer(cfg, _manifest(inputs, "corpus"), out, link)
 
 
-def _finetune_decoder(cfg: TokenFlowConfig, inputs: Inputs, out: str, parent: str | None) -> dict[str, Any]:
+def _finetune_decoder(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink) -> dict[str, Any]:
     from tokenflow.stages.train_tokenizer import run_finetune_decoder
 
     return run_finetune_decoder(cfg, _manifest(inputs, "corpus"), _tokenizer_url(inputs),
-                                _manifest(inputs, "train_tokenizer")["tokenizer"]["sha256"], out, parent)
+                                _manifest(inputs, "train_tokenizer")["tokenizer"]["sha256"], out, link)
 
 
-def _pretokenize(cfg: TokenFlowConfig, inputs: Inputs, out: str, parent: str | None,
+def _pretokenize(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink,
                  for_generation: bool = False) -> dict[str, Any]:
     from tokenflow.stages.pretokenize import run_pretokenize
 
-    view = cfg.generation_view if for_generation else None
-    return run_pretokenize(_manifest(inputs, "corpus"), _tokenizer_url(inputs), out, cfg.pretokenize, view)
+    stage, view = ("pretokenize_generation", cfg.generation_view) if for_generation else ("pretokenize", None)
+    return run_pretokenize(cfg, stage, _manifest(inputs, "corpus"), _tokenizer_url(inputs), out, view, link)
 
 
-def _train_generator(cfg: TokenFlowConfig, inputs: Inputs, out: str, parent: str | None,
+def _train_generator(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink,
                      tokens: str = "pretokenize") -> dict[str, Any]:
     from tokenflow.stages.train_generator import run_train_generator
 
-    return run_train_generator(cfg, _manifest(inputs, tokens), inputs[tokens].url, _tokenizer_url(inputs), out,
-                               parent)
+    return run_train_generator(cfg, _manifest(inputs, tokens), inputs[tokens].url, _tokenizer_url(inputs), out, link)
 
 
-def _train_understanding(cfg: TokenFlowConfig, inputs: Inputs, out: str, parent: str | None) -> dict[str, Any]:
+def _train_understanding(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink) -> dict[str, Any]:
     from tokenflow.stages.train_understanding import run_train_understanding
 
     return run_train_understanding(cfg, _manifest(inputs, "pretokenize"), inputs["pretokenize"].url,
-                                   _tokenizer_url(inputs), out, parent)
+                                   _tokenizer_url(inputs), out, link)
 
 
-def _eval_reconstruction(cfg: TokenFlowConfig, inputs: Inputs, out: str, parent: str | None,
+def _eval_reconstruction(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink,
                          decoder: str = "train_tokenizer") -> dict[str, Any]:
-    from tokenflow.stages.evaluate import run_eval_reconstruction
+    from tokenflow.stages.eval_reconstruction import run_eval_reconstruction
 
-    return run_eval_reconstruction(cfg, _manifest(inputs, "corpus"), _tokenizer_url(inputs, decoder), out, parent)
+    return run_eval_reconstruction(cfg, _manifest(inputs, "corpus"), _tokenizer_url(inputs, decoder), out, link)
 
 
-def _eval_generation(cfg: TokenFlowConfig, inputs: Inputs, out: str, parent: str | None,
+def _eval_generation(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink,
                      decoder: str = "train_tokenizer") -> dict[str, Any]:
-    from tokenflow.stages.evaluate import run_eval_generation
+    from tokenflow.stages.eval_generation import run_eval_generation
 
     return run_eval_generation(cfg, _manifest(inputs, "corpus"), _model_dir(inputs, "train_generator"),
-                               _tokenizer_url(inputs, decoder), out, parent)
+                               _tokenizer_url(inputs, decoder), out, link)
 
 
-def _eval_understanding(cfg: TokenFlowConfig, inputs: Inputs, out: str, parent: str | None) -> dict[str, Any]:
-    from tokenflow.stages.evaluate import run_eval_understanding
+def _eval_understanding(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink) -> dict[str, Any]:
+    from tokenflow.stages.eval_understanding import run_eval_understanding
 
     return run_eval_understanding(cfg, _manifest(inputs, "corpus"), _model_dir(inputs, "train_understanding"),
-                                  _tokenizer_url(inputs), out, parent)
+                                  _tokenizer_url(inputs), out, link)
+
+
+_STAGES = "tokenflow.stages."
 
 
 def stages(cfg: TokenFlowConfig) -> tuple[StageSpec, ...]:
     """The DAG ``cfg`` asks for, in dependency order (every stage after its inputs)."""
     decoder = "finetune_decoder" if cfg.finetune_decoder is not None else "train_tokenizer"
     decoding = ("corpus", "train_tokenizer") + ((decoder,) if decoder != "train_tokenizer" else ())
-    specs = [StageSpec("corpus", (), ("corpus",), _corpus, tracks_itself=False),
-             StageSpec("train_tokenizer", ("corpus",), ("tokenizer", "train_tokenizer"), _train_tokenizer)]
-    if cfg.finetune_decoder is not None:
-        specs.append(StageSpec("finetune_decoder", ("corpus", "train_tokenizer"), ("finetune_decoder",),
-                               _finetune_decoder))
-    specs += [StageSpec("eval_reconstruction", decoding, ("eval.reconstruction", "eval.seed", "eval.device"),
-                        partial(_eval_reconstruction, decoder=decoder)),
-              StageSpec("pretokenize", ("corpus", "train_tokenizer"), ("pretokenize",), _pretokenize,
-                        tracks_itself=False)]
+    tokenizer_excluded = ("image_every", "heldout_images")
+    specs = [StageSpec("corpus", (), ("corpus",), _STAGES + "corpus", _corpus, libraries=CORPUS_LIBRARIES,
+                       sources=_corpus_sources),
+             StageSpec("train_tokenizer", ("corpus",), ("tokenizer", "train_tokenizer"), _STAGES + "train_tokenizer",
+                       _train_tokenizer, _excluded("train_tokenizer", *tokenizer_excluded), "train_tokenizer",
+                       TRAINING_LIBRARIES)]
+    if cfg.finetune_decoder is not None:  # built from the trained export with the pipeline's loss settings
+        specs.append(StageSpec("finetune_decoder", ("corpus", "train_tokenizer"),
+                               ("finetune_decoder", "tokenizer.perceptual", "tokenizer.discriminator",
+                                "tokenizer.loss_weights"), _STAGES + "train_tokenizer", _finetune_decoder,
+                               _excluded("finetune_decoder", *tokenizer_excluded), "finetune_decoder",
+                               TRAINING_LIBRARIES))
+    pretokenize_excluded = tuple(f"pretokenize.{k}" for k in ("batch_size", "num_actors", "cpus_per_actor",
+                                                              "gpus_per_actor"))
+    specs += [StageSpec("eval_reconstruction", decoding, ("eval.reconstruction", "eval.seed"),
+                        _STAGES + "eval_reconstruction", partial(_eval_reconstruction, decoder=decoder), device="eval"),
+              StageSpec("pretokenize", ("corpus", "train_tokenizer"), ("pretokenize",), _STAGES + "pretokenize",
+                        _pretokenize, pretokenize_excluded, "pretokenize")]
     gen = cfg.train_generator
     if gen is not None:
         tokens = "pretokenize"
         if cfg.generation_view is not None:
             tokens = "pretokenize_generation"
             specs.append(StageSpec(tokens, ("corpus", "train_tokenizer"),
-                                   ("pretokenize", "train_generator.tokenizer_view"),
-                                   partial(_pretokenize, for_generation=True), tracks_itself=False))
+                                   ("pretokenize", "train_generator.tokenizer_view"), _STAGES + "pretokenize",
+                                   partial(_pretokenize, for_generation=True), pretokenize_excluded, "pretokenize"))
         specs.append(StageSpec("train_generator", (tokens, "train_tokenizer"), ("train_generator",),
-                               partial(_train_generator, tokens=tokens)))
+                               _STAGES + "train_generator", partial(_train_generator, tokens=tokens),
+                               _excluded("train_generator", "eval_every", "heldout_samples", "sample_prompts",
+                                         "sampling"), "train_generator", TRAINING_LIBRARIES))
     if cfg.train_understanding is not None:
         specs.append(StageSpec("train_understanding", ("pretokenize", "train_tokenizer"), ("train_understanding",),
-                               _train_understanding))
-    if gen is not None:
+                               _STAGES + "train_understanding", _train_understanding,
+                               _excluded("train_understanding", "eval_every", "heldout_questions", "max_new_tokens"),
+                               "train_understanding", TRAINING_LIBRARIES))
+    if gen is not None:  # sampling is inference: it belongs to the evaluation, not to the training
         specs.append(StageSpec("eval_generation", decoding + ("train_generator",),
-                               ("eval.generation", "eval.seed", "eval.device", "train_generator.sampling"),
-                               partial(_eval_generation, decoder=decoder)))
+                               ("eval.generation", "eval.seed", "train_generator.sampling",
+                                "train_generator.tokenizer_view", "train_generator.language_model.max_text_tokens"),
+                               _STAGES + "eval_generation", partial(_eval_generation, decoder=decoder), device="eval"))
     if cfg.train_understanding is not None:
         specs.append(StageSpec("eval_understanding", ("corpus", "train_tokenizer", "train_understanding"),
-                               ("eval.understanding", "eval.seed", "eval.device"), _eval_understanding))
+                               ("eval.understanding", "eval.seed", "train_understanding.max_new_tokens",
+                                "train_understanding.language_model.max_text_tokens"),
+                               _STAGES + "eval_understanding", _eval_understanding, device="eval"))
     return tuple(specs)
 
 

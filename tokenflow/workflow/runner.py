@@ -8,14 +8,16 @@ import logging
 import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenflow.config import TokenFlowConfig, canonical_json, config_hash
-from tokenflow.workflow.durable import StageOutput, code_version, config_subset, stage_hash
+from tokenflow.config import TokenFlowConfig
+from tokenflow.stages.stage_run import RunLink, StageIdentity
+from tokenflow.stages.tracking import resolve_tracking_uri, start_stage_run
+from tokenflow.workflow.durable import StageOutput
+from tokenflow.workflow.identity import Environment, resolve
 from tokenflow.workflow.pipeline import StageSpec, downstream, resources, stages
-from tokenflow.workflow.tracking import git_commit, resolve_tracking_uri, start_stage_run
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +31,8 @@ class PlanError(ValueError):
 @dataclass(frozen=True)
 class PlannedStage:
     spec: StageSpec
-    output: StageOutput
-    config: dict[str, Any]
-    input_hashes: dict[str, str]
+    identity: StageIdentity | None  # None: pending, an input is not complete yet
+    output: StageOutput | None
     cached: bool
     selected: bool  # part of this invocation (--only / --from)
 
@@ -43,95 +44,93 @@ class PlannedStage:
     def status(self) -> str:
         if self.cached:
             return "cached"
-        return "run" if self.selected else "skipped"
+        if not self.selected:
+            return "skipped"
+        return "run" if self.identity is not None else "pending"
 
 
-def plan(cfg: TokenFlowConfig, storage_root: str, only: str | None = None, start: str | None = None) -> list[PlannedStage]:
-    """Every stage with its identity, output location and state, in DAG order."""
-    data = cfg.model_dump(mode="json")
+def _resolved(spec: StageSpec, cfg: TokenFlowConfig, data: dict[str, Any], storage_root: str,
+              complete: dict[str, StageOutput], env: Environment, selected: bool) -> PlannedStage:
+    identity = resolve(spec, cfg, data, complete, env)
+    output = StageOutput.under(storage_root, spec.name, identity.hash)
+    return PlannedStage(spec, identity, output, output.complete(), selected)
+
+
+def plan(cfg: TokenFlowConfig, storage_root: str, only: str | None = None, start: str | None = None,
+         env: Environment | None = None) -> list[PlannedStage]:
+    """Every stage in DAG order with its state: ``cached`` (complete), ``run`` (identity known),
+    ``pending`` (runs, identity known once its inputs are complete) or ``skipped``."""
     specs = stages(cfg)
     names = [s.name for s in specs]
     if not {only, start} - {None} <= set(names):
         raise PlanError(f"this config has no stage {only or start!r}; its stages: {', '.join(names)}")
     selected = {only} if only else downstream(specs, {start}) if start else set(names)
-    code = code_version()
-    hashes: dict[str, str] = {}
+    env = env or Environment.detect(all_libraries(specs))
+    data = cfg.model_dump(mode="json")
+    complete: dict[str, StageOutput] = {}
     out = []
     for spec in specs:
-        subset = config_subset(data, spec.config)
-        inputs = {name: hashes[name] for name in spec.inputs}
-        hashes[spec.name] = stage_hash(spec.name, subset, inputs, code)
-        output = StageOutput.under(storage_root, spec.name, hashes[spec.name])
-        out.append(PlannedStage(spec, output, subset, inputs, output.complete(), spec.name in selected))
-    done = {p.name for p in out if p.cached}
+        if all(name in complete for name in spec.inputs):
+            planned = _resolved(spec, cfg, data, storage_root, complete, env, spec.name in selected)
+            if planned.cached:
+                complete[spec.name] = planned.output
+        else:
+            planned = PlannedStage(spec, None, None, False, spec.name in selected)
+        out.append(planned)
     for p in out:
         if p.selected and not p.cached:
-            missing = [i for i in p.spec.inputs if i not in done and i not in selected]
+            missing = [i for i in p.spec.inputs if i not in complete and i not in selected]
             if missing:
                 raise PlanError(f"{p.name} needs {', '.join(missing)}, which this partial run does not "
                                 "include and which are not complete; run them first")
     return out
 
 
+def all_libraries(specs: tuple[StageSpec, ...]) -> tuple[str, ...]:
+    return tuple(sorted({name for spec in specs for name in spec.libraries}))
+
+
 def describe(stages: list[PlannedStage]) -> str:
     """The plan as a table (for --dry-run and the log)."""
     rows = [f"{'stage':<24}{'hash':<14}{'status':<9}output"]
-    rows += [f"{p.name:<24}{p.output.hash[:12]:<14}{p.status:<9}{p.output.url}" for p in stages]
+    for p in stages:
+        where = p.output.url if p.output else "(identity known once its inputs are complete)"
+        rows.append(f"{p.name:<24}{p.output.hash[:12] if p.output else '-':<14}{p.status:<9}{where}")
     return "\n".join(rows)
 
 
 class Lineage:
-    """The pipeline's parent MLflow run and what the driver records on each stage's run."""
+    """The pipeline's parent MLflow run: the plan, the resolved config, every stage's state and
+    the evaluations' summary. Each stage owns its nested run (tokenflow.stages.stage_run)."""
 
     def __init__(self, cfg: TokenFlowConfig, storage_root: str, stages: list[PlannedStage], config_path: str):
         import mlflow
 
-        self.cfg = cfg
         tracking_uri, self.run_id, _ = start_stage_run(cfg, PIPELINE_STAGE, set(type(cfg).model_fields), storage_root,
                                                        {}, None, reuse_unfinished=False)
         self.client = mlflow.MlflowClient(tracking_uri)
-        self.client.set_tag(self.run_id, "tokenflow.code_version", code_version())
         self.client.set_tag(self.run_id, "tokenflow.config_file", config_path)
         for p in stages:
-            self.client.set_tag(self.run_id, f"tokenflow.stage.{p.name}", f"{p.output.hash[:12]} {p.status}")
-        self._log_json({"stages": [{"name": p.name, "hash": p.output.hash, "status": p.status,
-                                    "output": p.output.url, "inputs": p.input_hashes} for p in stages]},
-                       "plan.json", "")
-        self._log_json(cfg.model_dump(mode="json"), "resolved_config.json", "")
+            self.stage_state(p)
+        self._log_json({"stages": [{"name": p.name, "status": p.status, "inputs": list(p.spec.inputs),
+                                    "identity": asdict(p.identity) if p.identity else None,
+                                    "output": p.output.url if p.output else None} for p in stages]},
+                       "plan.json")
+        self._log_json(cfg.model_dump(mode="json"), "resolved_config.json")
 
-    def _log_json(self, value: Any, name: str, artifact_dir: str, run_id: str | None = None) -> None:
+    def _log_json(self, value: Any, name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             path.write_text(json.dumps(value, indent=2, sort_keys=True))
-            self.client.log_artifact(run_id or self.run_id, str(path), artifact_dir or None)
+            self.client.log_artifact(self.run_id, str(path))
 
-    def open_stage_run(self, p: PlannedStage) -> str:
-        """A nested run for a stage that does not track itself."""
-        _, run_id, _ = start_stage_run(self.cfg, p.name, set(), p.output.url, p.input_hashes, self.run_id)
-        return run_id
+    def stage_state(self, p: PlannedStage, status: str | None = None) -> None:
+        """Tag the parent run with a stage's identity and state."""
+        self.client.set_tag(self.run_id, f"tokenflow.stage.{p.name}",
+                            f"{p.output.hash[:12] if p.output else '-'} {status or p.status}")
 
-    def record_stage(self, p: PlannedStage, manifest: dict[str, Any], inputs: dict[str, StageOutput],
-                     run_id: str) -> None:
-        """Tag the stage's run with its identity, log its config subset, input and output manifests."""
-        from mlflow.entities import Dataset, DatasetInput, InputTag
-
-        self.client.set_tag(run_id, "tokenflow.stage_hash", p.output.hash)
-        self.client.set_tag(run_id, "tokenflow.input_hashes", canonical_json(p.input_hashes))
-        self.client.set_tag(run_id, "tokenflow.code_version", code_version())
-        self.client.set_tag(run_id, "tokenflow.git_commit", git_commit())
-        self.client.set_tag(run_id, "tokenflow.stage_config_hash", config_hash(p.config))
-        self._log_json(p.config, "stage_config.json", "", run_id)
-        self._log_json(manifest, "_MANIFEST.json", "output", run_id)
-        datasets = []
-        for name, upstream in inputs.items():
-            upstream_manifest = upstream.manifest()
-            self._log_json(upstream_manifest, f"{name}_MANIFEST.json", "inputs", run_id)
-            if upstream_manifest.get("kind") in ("corpus", "token_shards") or name in ("corpus", "pretokenize"):
-                datasets.append(DatasetInput(Dataset(name=name, digest=upstream.hash[:12], source_type="tokenflow",
-                                                     source=upstream.url, schema=None, profile=None),
-                                             tags=[InputTag("mlflow.data.context", "training")]))
-        if datasets:
-            self.client.log_inputs(run_id, datasets=datasets)
+    def link(self, p: PlannedStage, inputs: dict[str, StageOutput]) -> RunLink:
+        return RunLink(self.run_id, p.identity, {name: out.url for name, out in inputs.items()})
 
     def summary(self, manifests: dict[str, dict[str, Any]]) -> None:
         """Every evaluation's metrics on the parent run (``<stage>/<metric>``)."""
@@ -153,14 +152,17 @@ def _fits(need: dict[str, float], free: dict[str, float]) -> bool:
     return all(free.get(k, 0.0) >= v for k, v in need.items())
 
 
-def execute(cfg: TokenFlowConfig, stages: list[PlannedStage], lineage: Lineage) -> dict[str, dict[str, Any]]:
-    """Run the selected incomplete stages once their inputs are complete; stages run side by side
-    while the cluster's resources cover all of them (a stage that needs more than the cluster
-    has runs alone). Returns every complete stage's manifest."""
+def execute(cfg: TokenFlowConfig, storage_root: str, stages: list[PlannedStage], lineage: Lineage,
+            env: Environment) -> dict[str, dict[str, Any]]:
+    """Run the selected incomplete stages once their inputs are complete (a pending stage's
+    identity is resolved then, and it is skipped if that output already exists); stages run side
+    by side while the cluster's resources cover all of them (a stage that needs more than the
+    cluster has runs alone). Returns every complete stage's manifest."""
     import ray
 
     total = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-    outputs = {p.name: p.output for p in stages}
+    data = cfg.model_dump(mode="json")
+    outputs = {p.name: p.output for p in stages if p.cached}
     manifests = {p.name: p.output.manifest() for p in stages if p.cached}
     pending = [p for p in stages if p.selected and not p.cached]
     running: dict[Future, PlannedStage] = {}
@@ -171,15 +173,25 @@ def execute(cfg: TokenFlowConfig, stages: list[PlannedStage], lineage: Lineage) 
             for p in list(pending):
                 if failure is not None or not all(i in manifests for i in p.spec.inputs):
                     continue
+                if p.identity is None:  # its inputs just completed
+                    p = _resolved(p.spec, cfg, data, storage_root, outputs, env, True)
+                    if p.cached:
+                        pending = [q for q in pending if q.name != p.name]
+                        outputs[p.name], manifests[p.name] = p.output, p.output.manifest()
+                        lineage.stage_state(p)
+                        log.info("stage %s (%s): cached (its re-run inputs came out the same)", p.name,
+                                 p.output.hash[:12])
+                        continue
                 need = {k: min(v, total.get(k, 0.0)) for k, v in resources(cfg, p.name).items()}
                 if running and not _fits(need, free):
                     continue
                 for k, v in need.items():
                     free[k] = free.get(k, 0.0) - v
-                pending.remove(p)
+                pending = [q for q in pending if q.name != p.name]
+                lineage.stage_state(p, "running")
                 log.info("stage %s (%s): starting", p.name, p.output.hash[:12])
-                running[pool.submit(_run_stage, cfg, p, {i: outputs[i] for i in p.spec.inputs},
-                                    lineage)] = p
+                inputs = {i: outputs[i] for i in p.spec.inputs}
+                running[pool.submit(p.spec.run, cfg, inputs, p.output.url, lineage.link(p, inputs))] = p
             if not running:
                 break
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -189,8 +201,11 @@ def execute(cfg: TokenFlowConfig, stages: list[PlannedStage], lineage: Lineage) 
                     free[k] = free.get(k, 0.0) + min(v, total.get(k, 0.0))
                 try:
                     manifests[p.name] = future.result()
+                    outputs[p.name] = p.output
+                    lineage.stage_state(p, "complete")
                     log.info("stage %s: complete", p.name)
                 except BaseException as exc:  # noqa: BLE001 - reported after running stages finish
+                    lineage.stage_state(p, "failed")
                     log.error("stage %s failed: %s", p.name, exc)
                     failure = failure or exc
     if failure is not None:
@@ -198,31 +213,19 @@ def execute(cfg: TokenFlowConfig, stages: list[PlannedStage], lineage: Lineage) 
     return manifests
 
 
-def _run_stage(cfg: TokenFlowConfig, p: PlannedStage, inputs: dict[str, StageOutput], lineage: Lineage) -> dict[str, Any]:
-    own_run = None if p.spec.tracks_itself else lineage.open_stage_run(p)
-    t0 = time.perf_counter()
-    manifest = p.spec.run(cfg, inputs, p.output.url, lineage.run_id)
-    run_id = manifest.get("mlflow_run_id") or own_run
-    if run_id:
-        lineage.record_stage(p, manifest, inputs, run_id)
-        lineage.client.log_metric(run_id, "stage_seconds", time.perf_counter() - t0)
-        if own_run:
-            lineage.client.set_terminated(own_run, "FINISHED")
-    return manifest
-
-
 def run_pipeline(cfg: TokenFlowConfig, storage_root: str, config_path: str, only: str | None = None,
                  start: str | None = None) -> dict[str, dict[str, Any]]:
     """Plan, open the parent run, execute, log the summary; returns the manifests."""
     import os
 
-    stages = plan(cfg, storage_root, only, start)
-    log.info("plan:\n%s", describe(stages))
+    env = Environment.detect(all_libraries(stages(cfg)))
+    planned = plan(cfg, storage_root, only, start, env)
+    log.info("plan:\n%s", describe(planned))
     # One tracking store for every stage (and the Ray workers they start).
     os.environ["MLFLOW_TRACKING_URI"] = resolve_tracking_uri(cfg.tracking, storage_root)
-    lineage = Lineage(cfg, storage_root, stages, config_path)
+    lineage = Lineage(cfg, storage_root, planned, config_path)
     try:
-        manifests = execute(cfg, stages, lineage)
+        manifests = execute(cfg, storage_root, planned, lineage, env)
     except BaseException:
         lineage.finish("FAILED")
         raise

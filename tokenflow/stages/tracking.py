@@ -1,4 +1,5 @@
-"""MLflow tracking: where runs go, what every run records, and flat params from configs."""
+"""MLflow tracking: where runs go, how a run is found again on resume, and flat params from
+configs. Every stage opens its run through :mod:`tokenflow.stages.stage_run`; the workflow its parent run."""
 
 from __future__ import annotations
 
@@ -77,6 +78,8 @@ def find_or_create_run(experiment_id: str, stage: str, out_url: str, params: dic
                                              f"tags.`tokenflow.output` = '{out_url}'",
                                order_by=["attributes.start_time DESC"], max_results=1)
     if reuse_unfinished and found and found[0].info.status != "FINISHED":
+        if found[0].info.status != "RUNNING":  # a failed attempt: the resumed stage runs in it again
+            client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     all_tags = {"tokenflow.stage": stage, "tokenflow.output": out_url, **tags}
     if parent_run_id:
