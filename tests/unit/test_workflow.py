@@ -139,6 +139,10 @@ def test_an_indexed_corpus_reruns_when_its_shards_change(tmp_path):
     assert _reruns(tmp_path / "s", override) == set()
     (shards / "c.tar").write_bytes(b"y")
     assert _reruns(tmp_path / "s", override) == ALL
+    from tokenflow.data.corpus import CorpusError
+
+    with pytest.raises(CorpusError, match="no such file or directory"):
+        _reruns(tmp_path / "s", f"corpus={{source: url, url: {tmp_path / 'gone'}, heldout_shards: 1}}")
 
 
 def test_code_identity_is_the_modules_a_stage_imports(tmp_path):
