@@ -27,6 +27,17 @@ def _storage_root(value: str | None) -> str:
     return root if "://" in root else str(Path(root).resolve())
 
 
+def mlflow_hint(tracking_uri: str, experiment: str) -> str:
+    """How to open this run's experiment: the UI command as typed from the repository, and its URL."""
+    import mlflow
+
+    found = mlflow.MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+    url = f"http://127.0.0.1:5000/#/experiments/{found.experiment_id}" if found else "http://127.0.0.1:5000"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow: {tracking_uri.rstrip('/')}/#/experiments/{found.experiment_id if found else ''}"
+    return f"MLflow: .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --port 5000, then open {url}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -52,9 +63,9 @@ def main() -> int:
     import ray
 
     ray.init()
-    manifests = run_pipeline(cfg, storage_root, args.config, args.only, args.start)
+    manifests = run_pipeline(cfg, storage_root, args.config, args.only, args.start, args.overrides)
     print(f"pipeline complete: {len(manifests)} stages under {storage_root}")
-    print(f"MLflow: mlflow ui --backend-store-uri {os.environ['MLFLOW_TRACKING_URI']}")
+    print(mlflow_hint(os.environ["MLFLOW_TRACKING_URI"], cfg.tracking.experiment))
     return 0
 
 

@@ -553,6 +553,10 @@ class TrackingConfig(StrictModel):
         default=None, description="None: MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db"
     )
     experiment: str = "tokenflow"
+    system_metrics_every_s: float = Field(
+        10.0, ge=0, description="MLflow system-metrics sampling interval per node of a training stage and "
+        "in the evaluations; 0 turns it off."
+    )
 
 
 # --------------------------------------------------------------------------- root

@@ -20,22 +20,30 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def image_grid(rows: Sequence[torch.Tensor], row_labels: Sequence[str] | None = None,
-               scale: int = 1) -> Image.Image:
-    """Stack equally sized image batches as rows of a grid; optional label above each row."""
+               scale: int = 1, title: str | None = None) -> Image.Image:
+    """Stack equally sized image batches as rows of a grid; an optional label above each row and
+    a title (a legend) on top, both whole (multi-line with ``\\n``; the grid widens to fit them)."""
     if not rows:
         raise ValueError("image_grid needs at least one row")
     n, _, h, w = rows[0].shape
     if any(r.shape[0] != n or r.shape[-2:] != (h, w) for r in rows):
         raise ValueError("all rows need the same number of images of the same size")
     cell_h, cell_w = h * scale, w * scale
-    label_h = _LABEL_HEIGHT if row_labels else 0
-    grid = Image.new("RGB", (n * (cell_w + _PAD) + _PAD, len(rows) * (cell_h + label_h + _PAD) + _PAD),
-                     (255, 255, 255))
+    labels = [label.split("\n") for label in row_labels] if row_labels else []
+    title_lines = title.split("\n") if title else []
+    label_h = _LABEL_HEIGHT * max((len(lines) for lines in labels), default=0)
+    title_h = _LABEL_HEIGHT * len(title_lines)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = max((measure.textlength(line) for lines in [*labels, title_lines] for line in lines), default=0)
+    width = max(n * (cell_w + _PAD) + _PAD, int(text_w) + 2 * _PAD)
+    grid = Image.new("RGB", (width, title_h + len(rows) * (cell_h + label_h + _PAD) + _PAD), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
+    for i, line in enumerate(title_lines):
+        draw.text((_PAD, _PAD + i * _LABEL_HEIGHT), line, fill=(0, 0, 128))
     for r, batch in enumerate(rows):
-        top = _PAD + r * (cell_h + label_h + _PAD)
-        if row_labels:
-            draw.text((_PAD, top), row_labels[r], fill=(0, 0, 0))
+        top = title_h + _PAD + r * (cell_h + label_h + _PAD)
+        for i, line in enumerate(labels[r] if labels else []):
+            draw.text((_PAD, top + i * _LABEL_HEIGHT), line, fill=(0, 0, 0))
         for c, arr in enumerate(to_uint8(batch)):
             tile = Image.fromarray(arr).resize((cell_w, cell_h), Image.NEAREST)
             grid.paste(tile, (_PAD + c * (cell_w + _PAD), top + label_h))
@@ -43,9 +51,9 @@ def image_grid(rows: Sequence[torch.Tensor], row_labels: Sequence[str] | None = 
 
 
 def save_image_grid(path: str | Path, rows: Sequence[torch.Tensor],
-                    row_labels: Sequence[str] | None = None, scale: int = 1) -> Path:
+                    row_labels: Sequence[str] | None = None, scale: int = 1, title: str | None = None) -> Path:
     """Write :func:`image_grid` as a PNG; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(rows, row_labels, scale).save(path)
+    image_grid(rows, row_labels, scale, title).save(path)
     return path

@@ -110,7 +110,8 @@ def _finished_run(out, manifest: dict, stage: str):
     metrics = dict(run.data.metrics)
     assert metrics.pop("stage_seconds") > 0  # every stage run records its duration
     assert metrics == pytest.approx(manifest["metrics"])
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"results.parquet", "grids"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"results.parquet", "results_table.json",
+                                                                         "grids"}
     return client, run
 
 
@@ -121,7 +122,7 @@ def test_eval_reconstruction(corpus, tiny_tokenizer_path, tmp_path):
     heldout = corpus["splits"]["heldout"]["samples"]
     m = manifest["metrics"]
     assert m["num_images"] == heldout - 2 and m["undecodable_images"] == 2
-    for key in ("psnr", "ssim", "codebook_usage", "codebook_perplexity"):
+    for key in ("psnr", "ssim", "codebook/usage", "codebook/perplexity"):
         assert key in m and f"baseline/{key}" in m
     assert "rfid" not in m and manifest["skipped"] == {"rfid": "eval.reconstruction.fid.inception_weights is not set"}
     assert run.data.tags["tokenflow.skipped.rfid"] == manifest["skipped"]["rfid"]

@@ -61,7 +61,8 @@ def test_zero3_two_workers_train_and_log_everything_promised(ray_local, corpus, 
     out = tmp_path / "zero3"
     # Its own store: earlier tests' mlflow.set_tracking_uri leaves MLFLOW_TRACKING_URI in this process.
     cfg = load_config(TINY, [*FAST, "train_tokenizer.steps=4", "train_tokenizer.checkpoint_every=4",
-                             "train_tokenizer.deepspeed=zero3", f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}"])
+                             "train_tokenizer.deepspeed=zero3", f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}",
+                             "tracking.system_metrics_every_s=1"])
     manifest = run_train_tokenizer(cfg, _manifest(corpus), str(out))
     assert (out / "tokenizer.safetensors").stat().st_size == manifest["tokenizer"]["bytes"]
 
@@ -80,12 +81,14 @@ def test_zero3_two_workers_train_and_log_everything_promised(ray_local, corpus, 
     assert run.data.params["train_tokenizer.deepspeed"] == "zero3"
     for metric in ("loss/total", "loss/l2", "loss/semantic", "loss/vq", "loss/commit", "loss/gan",
                    "loss/disc", "codebook/usage", "codebook/perplexity", "samples_per_s", "lr",
-                   "heldout_psnr", "heldout_psnr_mean_color"):
+                   "heldout/psnr", "heldout/psnr_mean_color"):
         assert len(client.get_metric_history(run.info.run_id, metric)) >= 1, metric
     assert len(client.get_metric_history(run.info.run_id, "loss/total")) == 4
     assert client.get_metric_history(run.info.run_id, "loss/disc")[-1].value > 0  # GAN started
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "reconstructions")] == [
-        "reconstructions/heldout_step0000004.png"]
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]  # step images (UI slider)
+    assert any(path.startswith("images/heldout_reconstructions+step+4+") and path.endswith(".png") for path in images)
+    assert "system/node-0/cpu_utilization_percentage" in run.data.metrics  # the node's first worker samples it
+    assert "system/node-0/system_memory_usage_megabytes" in run.data.metrics
     assert run.data.tags["tokenflow.tokenizer_sha256"] == manifest["tokenizer"]["sha256"]
     assert run.data.tags["tokenflow.input.corpus_manifest"] == run.data.params["input.corpus_manifest"]
 
@@ -168,4 +171,4 @@ def test_decoder_finetune_stage_trains_only_the_decoder(ray_local, corpus, tmp_p
     assert run.data.params["finetune_decoder.decoder_ch"] == "32"
     assert len(client.get_metric_history(run.info.run_id, "loss/l2")) == 3
     assert not client.get_metric_history(run.info.run_id, "loss/semantic")  # the pixel terms only
-    assert client.get_metric_history(run.info.run_id, "heldout_psnr")
+    assert client.get_metric_history(run.info.run_id, "heldout/psnr")

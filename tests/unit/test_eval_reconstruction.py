@@ -52,7 +52,7 @@ def test_metrics_match_an_independent_round_trip(tokenizer, images):
     # The residual profile summed over both batches equals one pass over all images.
     profile = tokenizer.quantize(images).profile.metrics()
     assert report.residuals == pytest.approx(profile, rel=1e-5)
-    assert set(report.metrics()) == {"psnr", "ssim", "rfid", "codebook_usage", "codebook_perplexity",
+    assert set(report.metrics()) == {"psnr", "ssim", "rfid", "codebook/usage", "codebook/perplexity",
                                      "num_images", *profile}
     assert {"latent_norm/pixel", "residual/pixel/scale_0_1", "residual/semantic/scale_5_8"} <= set(profile)
 

@@ -1,6 +1,6 @@
 """The package's layers: a module imports only from its own layer or the ones below it.
 
-    config storage seeding viz  <  models  <  data  <  eval  <  train  <  stages  <  workflow  <  cli demo
+    config storage seeding viz monitoring  <  models  <  data  <  eval  <  train  <  stages  <  workflow  <  cli demo
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 from tests.conftest import REPO
 
 PACKAGE = REPO / "tokenflow"
-LAYERS = {"config": 0, "storage": 0, "seeding": 0, "viz": 0, "models": 1, "data": 2, "eval": 3, "train": 4,
+LAYERS = {"config": 0, "storage": 0, "seeding": 0, "viz": 0, "monitoring": 0, "models": 1, "data": 2, "eval": 3, "train": 4,
           "stages": 5, "workflow": 6, "cli": 7, "demo": 7}
 
 

@@ -54,8 +54,8 @@ class ReconstructionReport:
 
     def metrics(self) -> dict[str, float]:
         """Flat name -> value mapping for tracking (``rfid`` only when computed)."""
-        out = {"psnr": self.psnr, "ssim": self.ssim, "codebook_usage": self.codebook_usage,
-               "codebook_perplexity": self.codebook_perplexity, "num_images": float(len(self.samples)),
+        out = {"psnr": self.psnr, "ssim": self.ssim, "codebook/usage": self.codebook_usage,
+               "codebook/perplexity": self.codebook_perplexity, "num_images": float(len(self.samples)),
                **self.residuals}
         if self.rfid is not None:
             out["rfid"] = self.rfid

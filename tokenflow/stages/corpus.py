@@ -64,5 +64,6 @@ def build_corpus(cfg: CorpusConfig, out_url: str) -> dict[str, Any]:
 
 def run_corpus(cfg: TokenFlowConfig, out_url: str, link: RunLink | None = None) -> dict[str, Any]:
     """The pipeline's corpus stage: :func:`make_corpus` in its MLflow run; returns the manifest."""
-    with StageRun(cfg, "corpus", {"corpus"}, out_url, {}, link) as run:
+    with StageRun(cfg, "corpus", {"corpus"}, out_url, {}, link,
+                  "Makes (shapes) or indexes the image corpus: every shard's sample count, size and sha256.") as run:
         return run.finish(make_corpus(cfg.corpus, out_url))

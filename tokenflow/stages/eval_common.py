@@ -30,8 +30,8 @@ from tokenflow.stages.stage_run import StageRun
 from tokenflow.viz import save_image_grid
 
 RESULTS_NAME = "results.parquet"
+RESULTS_TABLE = "results_table.json"
 BASELINE = "baseline/"
-GRID_IMAGES = 8
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -78,20 +78,29 @@ def log_output_file(run: StageRun, scratch: Path, name: str) -> None:
     run.artifact(local)
 
 
-def log_grid(run: StageRun, scratch: Path, name: str, rows: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
+def log_grid(run: StageRun, scratch: Path, name: str, rows: Sequence[torch.Tensor], labels: Sequence[str],
+             title: str | None = None) -> None:
+    """An image grid (tiles at least 128 px, labels and ``title`` whole) under ``grids/``."""
     scale = max(1, 128 // rows[0].shape[-1])
-    run.artifact(save_image_grid(scratch / name, rows, labels, scale), "grids")
+    run.artifact(save_image_grid(scratch / name, rows, labels, scale, title), "grids")
 
 
 def write_results(run: StageRun, scratch: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
-    """Write ``results.parquet`` under the stage's output and log it."""
+    """Write ``results.parquet`` under the stage's output and log it, and the same rows as an
+    MLflow table (``results_table.json``, which the UI renders)."""
+    table = pa.Table.from_pylist(rows, schema=schema)
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+    pq.write_table(table, buf)
     storage.write_bytes_atomic(storage.join(run.out_url, RESULTS_NAME), buf.getvalue())
     log_output_file(run, scratch, RESULTS_NAME)
+    run.client.log_table(run.run_id, data=table.to_pandas(), artifact_file=RESULTS_TABLE)
 
 
-def finish_evaluation(run: StageRun, metrics: dict[str, float], **extra: Any) -> dict[str, Any]:
-    """Log the metrics and finish the run with the evaluation's manifest (written last)."""
+def finish_evaluation(run: StageRun, metrics: dict[str, float], headline: str, **extra: Any) -> dict[str, Any]:
+    """Log the metrics and finish the run with the evaluation's manifest (written last); the
+    run's description states the ``headline`` metric against its baselines."""
     run.metrics(metrics)
-    return run.finish({"kind": run.stage, "metrics": metrics, "results": RESULTS_NAME, **extra})
+    against = ", ".join(f"{prefix.rstrip('/')} {metrics[prefix + headline]:.4g}" for prefix in (BASELINE, "reference/")
+                        if prefix + headline in metrics)
+    return run.finish({"kind": run.stage, "metrics": metrics, "results": RESULTS_NAME, **extra},
+                      f"{headline}: {metrics[headline]:.4g} ({against})")

@@ -26,6 +26,8 @@ from tokenflow.stages.stage_run import RunLink, StageRun
 PROMPTS_NAME = "prompts.jsonl"
 REFERENCE = "reference/"  # shapes: the prompts' source images through the tokenizer
 GRID_PROMPTS_PER_TAG = 2
+GRID_LEGEND = ("{model}: each row is one prompt (its GenEval tag, one mark per image left to right, the prompt);\n"
+               "+ the image passes the prompt's GenEval rule, - it fails; grey: generation failed")
 
 GENERATION_SCHEMA = pa.schema([("prompt_index", pa.int32()), ("prompt", pa.string()), ("tag", pa.string()),
                                ("index", pa.int32()), ("correct", pa.bool_()), ("reason", pa.string()),
@@ -66,7 +68,7 @@ def _generation_grid(prompts: Sequence[GenEvalPrompt], shown: set[int], generati
     for i in sorted(shown):
         marks = "".join("+" if g.result.correct else "-" for g in generations if g.prompt_index == i)
         rows.append(images.get(i, torch.full((n, 3, size, size), 0.5)))
-        labels.append(f"{prompts[i].tag} {marks} {prompts[i].prompt}"[:80])
+        labels.append(f"{prompts[i].tag} {marks} {prompts[i].prompt}")
     return rows, labels
 
 
@@ -101,10 +103,13 @@ def run_eval_generation(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any], g
     shown = _grid_prompts(prompts)
     args = (prompts, g.images_per_prompt, g.sampling or t.sampling, cfg.eval.seed,
             t.language_model.max_text_tokens, detector, classifier, rules, shown)
-    with tempfile.TemporaryDirectory() as tmp, StageRun(cfg, "eval_generation", {"eval", "train_generator"}, out_url,
-                                                        inputs, link) as run:
+    with tempfile.TemporaryDirectory() as tmp, StageRun(
+            cfg, "eval_generation", {"eval", "train_generator"}, out_url, inputs, link,
+            f"GenEval ({g.benchmark}) of the trained generator, against an untrained one"
+            + (" and the tokenizer's reconstructions of the prompts' sources (reference/)." if sources else ".")) as run:
         scratch = Path(tmp)
         log_output_file(run, scratch, PROMPTS_NAME)
+        run.log_dataset("geneval_prompts", inputs["prompts"], prompts_url)
         generations, images = generate_and_score(model, tok, tokenizer, *args)
         base_generations, base_images = generate_and_score(baseline, tok, tokenizer, *args)
         write_results(run, scratch, [{"prompt_index": a.prompt_index, "prompt": a.result.prompt, "tag": a.result.tag, "index": a.index,
@@ -112,11 +117,14 @@ def run_eval_generation(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any], g
                     "baseline_reason": b.result.reason} for a, b in zip(generations, base_generations)],
                       GENERATION_SCHEMA)
         size = tokenizer.cfg.image_size
-        log_grid(run, scratch, "generations.png", *_generation_grid(prompts, shown, generations, images, g.images_per_prompt, size))
+        log_grid(run, scratch, "generations.png",
+                 *_generation_grid(prompts, shown, generations, images, g.images_per_prompt, size),
+                 title=GRID_LEGEND.format(model="trained generator"))
         log_grid(run, scratch, "baseline_generations.png",
-                 *_generation_grid(prompts, shown, base_generations, base_images, g.images_per_prompt, size))
+                 *_generation_grid(prompts, shown, base_generations, base_images, g.images_per_prompt, size),
+                 title=GRID_LEGEND.format(model="untrained generator (baseline)"))
         metrics = with_baseline(_geneval_metrics(generations), _geneval_metrics(base_generations))
         if sources:  # shapes: the ceiling this tokenizer leaves a generator
             reference = score_reconstructions(tokenizer, sources, prompts, detector, classifier, rules)
             metrics.update({REFERENCE + k: v for k, v in summarize(reference).metrics().items()})
-        return finish_evaluation(run, metrics, benchmark=g.benchmark, prompts=PROMPTS_NAME)
+        return finish_evaluation(run, metrics, "overall", benchmark=g.benchmark, prompts=PROMPTS_NAME)

@@ -16,12 +16,14 @@ from tokenflow.data.decode import DecodeError, decode_image, preprocess
 from tokenflow.data.manifest import content_digest
 from tokenflow.eval.reconstruction import evaluate_reconstruction
 from tokenflow.eval.runners import untrained_tokenizer
-from tokenflow.stages.eval_common import (GRID_IMAGES, RESULTS_NAME, finish_evaluation, heldout_samples,
+from tokenflow.stages.eval_common import (RESULTS_NAME, finish_evaluation, heldout_samples,
                                           load_tokenizer_export, log_grid, resolve_device, with_baseline,
                                           write_results)
 from tokenflow.stages.stage_run import RunLink, StageRun
 
 log = logging.getLogger(__name__)
+
+GRID_IMAGES = 8
 
 RECONSTRUCTION_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("error", pa.string()),
                                    ("psnr", pa.float64()), ("ssim", pa.float64()),
@@ -69,8 +71,10 @@ def run_eval_reconstruction(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any
     size = tokenizer.cfg.image_size
     inputs = {"corpus_manifest": content_digest(corpus_manifest), "tokenizer": tokenizer_digest}
     skipped: dict[str, str] = {}
-    with tempfile.TemporaryDirectory() as tmp, StageRun(cfg, "eval_reconstruction", {"eval"}, out_url, inputs,
-                                                        link) as run:
+    with tempfile.TemporaryDirectory() as tmp, StageRun(
+            cfg, "eval_reconstruction", {"eval"}, out_url, inputs, link,
+            "Reconstruction of the held-out images through the tokenizer (PSNR, SSIM, rFID, codebook "
+            "usage, residual profile), against an untrained tokenizer.") as run:
         scratch = Path(tmp)
         extractor = None
         if r.fid.inception_weights:
@@ -105,4 +109,4 @@ def run_eval_reconstruction(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any
                   baseline.decode_indices(baseline.encode(first))],
                  ["original", "reconstruction", "untrained tokenizer"])
         metrics = with_baseline({**report.metrics(), "undecodable_images": float(len(undecodable))}, base.metrics())
-        return finish_evaluation(run, metrics, skipped=skipped)
+        return finish_evaluation(run, metrics, "psnr", skipped=skipped)

@@ -17,16 +17,27 @@ from tokenflow.eval.mme import MMEQuestion, load_mme, parse_answer, score_mme
 from tokenflow.eval.runners import answer_questions, encode_images, load_image
 from tokenflow.eval.shapes_mme import write_shapes_mme
 from tokenflow.models.llm_weights import WEIGHTS_NAME, load_understanding
-from tokenflow.stages.eval_common import (GRID_IMAGES, finish_evaluation, heldout_samples, log_grid,
+from tokenflow.stages.eval_common import (finish_evaluation, heldout_samples, log_grid,
                                           model_under_test, with_baseline, write_results)
 from tokenflow.stages.stage_run import RunLink, StageRun
 
 MME_DIR = "mme"
+GRID_IMAGES_PER_SUBTASK = 2
 
 UNDERSTANDING_SCHEMA = pa.schema([("subtask", pa.string()), ("image", pa.string()), ("question", pa.string()),
                                   ("answer", pa.string()), ("error", pa.string()), ("reply", pa.string()),
                                   ("correct", pa.bool_()), ("baseline_reply", pa.string()),
                                   ("baseline_correct", pa.bool_())])
+
+
+def _grid_images(questions: list[MMEQuestion], tokens: dict[str, Any]) -> list[str]:
+    """Up to GRID_IMAGES_PER_SUBTASK tokenized images of every subtask, in question order."""
+    per_subtask: dict[str, list[str]] = {}
+    for q in questions:
+        chosen = per_subtask.setdefault(q.subtask, [])
+        if q.image in tokens and q.image not in chosen and len(chosen) < GRID_IMAGES_PER_SUBTASK:
+            chosen.append(q.image)
+    return [url for chosen in per_subtask.values() for url in chosen]
 
 
 def _mme_metrics(questions: list[MMEQuestion], replies: list[str]) -> tuple[dict[str, float], tuple[str, ...]]:
@@ -61,9 +72,11 @@ def run_eval_understanding(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any]
     inputs["questions"] = config_hash([[q.subtask, storage.basename(q.image), q.question, q.answer]
                                        for q in questions])
 
-    with tempfile.TemporaryDirectory() as tmp, StageRun(cfg, "eval_understanding", {"eval", "train_understanding"},
-                                                        out_url, inputs, link) as run:
+    with tempfile.TemporaryDirectory() as tmp, StageRun(
+            cfg, "eval_understanding", {"eval", "train_understanding"}, out_url, inputs, link,
+            f"MME ({u.benchmark}) of the trained understanding model, against an untrained one.") as run:
         scratch = Path(tmp)
+        run.log_dataset("mme_questions", inputs["questions"], root)
         tokens, failed = encode_images(tokenizer, [q.image for q in questions], u.batch_size)
         args = (questions, tokens, u.batch_size, t.max_new_tokens, t.language_model.max_text_tokens)
         replies = answer_questions(model, tok, *args)
@@ -73,16 +86,18 @@ def run_eval_understanding(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any]
                     "baseline_reply": b, "baseline_correct": parse_answer(b) == q.answer}
                        for q, a, b in zip(questions, replies, base_replies)], UNDERSTANDING_SCHEMA)
 
-        shown = [url for url in dict.fromkeys(q.image for q in questions) if url in tokens][:GRID_IMAGES]
         rows, labels = [], []
-        for url in shown:
+        for url in _grid_images(questions, tokens):
             asked = [(q, a) for q, a in zip(questions, replies) if q.image == url]
             recon = tokenizer.decode_indices(tokens[url][None].to(device)).cpu()
             rows.append(torch.cat([load_image(url, tokenizer.cfg.image_size)[None], recon]))
-            labels.append(f"{asked[0][0].subtask}: " + " ".join(f"{q.answer}>{parse_answer(a)}" for q, a in asked))
+            labels.append("\n".join(f"{q.subtask}: {q.question} expected {q.answer}, replied {a.strip()!r} "
+                                    f"({parse_answer(a)})" for q, a in asked))
         if rows:
-            log_grid(run, scratch, "answers.png", rows, labels)
+            log_grid(run, scratch, "answers.png", rows, labels,
+                     "each image (as asked, and through the tokenizer) with its questions, the expected "
+                     "answer and the model's reply")
         metrics, missing = _mme_metrics(questions, replies)
         metrics = with_baseline({**metrics, "undecodable_images": float(len(failed))},
                                  _mme_metrics(questions, base_replies)[0])
-        return finish_evaluation(run, metrics, benchmark=u.benchmark, missing_subtasks=list(missing))
+        return finish_evaluation(run, metrics, "perception", benchmark=u.benchmark, missing_subtasks=list(missing))

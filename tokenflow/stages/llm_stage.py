@@ -24,6 +24,12 @@ from tokenflow.stages.training import resolve_use_gpu
 log = logging.getLogger(__name__)
 
 EXPORT_DIR = "model"
+_DESCRIPTIONS = {
+    "train_generator": "Trains the text-to-image generator (next-scale prediction of the tokenizer's codes in "
+                       "a causal LM) on token shards with DeepSpeed on Ray Train workers.",
+    "train_understanding": "Trains the understanding model (the tokenizer's code features through an MLP "
+                           "projector into a causal LM): caption alignment, then conversations.",
+}
 
 
 def token_shard_urls(token_manifest: dict[str, Any], token_url: str, split: str) -> list[str]:
@@ -82,7 +88,7 @@ def open_llm_stage(cfg: TokenFlowConfig, stage: str, token_manifest: dict[str, A
     check_view(token_manifest, token_url, view)
     inputs = {"token_manifest": content_digest(token_manifest),
               "tokenizer": check_tokenizer(token_manifest, tokenizer_url)}
-    return StageRun(cfg, stage, {stage}, out_url, inputs, link)
+    return StageRun(cfg, stage, {stage}, out_url, inputs, link, _DESCRIPTIONS[stage])
 
 
 def llm_job_fields(cfg: TokenFlowConfig, stage: str, run: StageRun, token_manifest: dict[str, Any],

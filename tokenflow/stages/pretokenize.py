@@ -71,7 +71,10 @@ def run_pretokenize(cfg: TokenFlowConfig, stage: str, corpus_manifest: dict[str,
 
     inputs = {"corpus_manifest": content_digest(corpus_manifest),
               "tokenizer": file_sha256(storage.local_path(tokenizer_url))}
-    with StageRun(cfg, stage, {"pretokenize"}, out_url, inputs, link) as run:
+    with StageRun(cfg, stage, {"pretokenize"}, out_url, inputs, link,
+                  "Encodes every corpus shard into a Parquet token shard with the tokenizer export"
+                  + (f" at {view.image_size} px, scales {list(view.scales)}" if view is not None else "")
+                  + "; undecodable samples are quarantined.") as run:
         manifest = encode_corpus(corpus_manifest, tokenizer_url, out_url, cfg.pretokenize, view)
         run.metrics({f"{split}/{key}": float(block[key]) for split, block in manifest["splits"].items()
                      for key in ("rows", "quarantined")})

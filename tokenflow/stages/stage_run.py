@@ -20,6 +20,7 @@ import json
 import logging
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -28,6 +29,7 @@ from typing import Any
 from tokenflow import storage
 from tokenflow.config import TokenFlowConfig, canonical_json
 from tokenflow.data.manifest import MANIFEST_NAME, content_digest
+from tokenflow.monitoring import system_metrics
 from tokenflow.stages.tracking import start_stage_run
 
 log = logging.getLogger(__name__)
@@ -51,37 +53,67 @@ class StageIdentity:
 
 @dataclass(frozen=True)
 class RunLink:
-    """Where a stage's run hangs: the pipeline's parent run, the planner's identity for it, and
-    the upstream outputs it reads (``{stage: url}``). Empty when a stage runs on its own."""
+    """Where a stage's run hangs: the pipeline's parent run and config name, the planner's
+    identity for it, and the upstream outputs it reads (``{stage: url}``). Empty when a stage
+    runs on its own."""
 
     parent_run_id: str | None = None
     identity: StageIdentity | None = None
     upstream: dict[str, str] = field(default_factory=dict)
+    pipeline: str | None = None  # the pipeline config's name (e.g. "smoke")
+
+    def run_name(self, stage: str) -> str:
+        """``<pipeline>/<stage>@<hash8>`` when linked, else the stage name."""
+        if self.identity is None:
+            return stage
+        return f"{self.pipeline or 'pipeline'}/{stage}@{self.identity.hash[:8]}"
 
 
 class StageRun:
     """A stage's MLflow run and its manifest (see the module docstring)."""
 
     def __init__(self, cfg: TokenFlowConfig, stage: str, sections: set[str], out_url: str,
-                 inputs: dict[str, str], link: RunLink | None = None):
+                 inputs: dict[str, str], link: RunLink | None = None, description: str = ""):
         self.cfg, self.stage, self.sections, self.out_url = cfg, stage, sections, out_url
         self.inputs = inputs
         self.link = link or RunLink()
+        self.description = description
         self.finished = False
+        self._monitor = ExitStack()
+
+    @property
+    def context(self) -> str:
+        """The MLflow dataset context of what this stage reads."""
+        return "evaluation" if self.stage.startswith("eval_") else "training"
 
     def __enter__(self) -> "StageRun":
         import mlflow
 
+        # The config the stage depends on: its identity's part when the pipeline planned it,
+        # else its sections. Params, the config_hash tag and the manifest all carry its hash.
+        identity = self.link.identity
+        config = identity.config if identity is not None else self.cfg.model_dump(mode="json", include=self.sections)
         self.tracking_uri, self.run_id, params = start_stage_run(
-            self.cfg, self.stage, self.sections, self.out_url, self.inputs, self.link.parent_run_id)
+            self.cfg, self.stage, config, self.out_url, self.inputs, self.link.parent_run_id,
+            run_name=self.link.run_name(self.stage))
         self.client = mlflow.MlflowClient(self.tracking_uri)
         self.config_hash = params["config_hash"]
         self.started = time.perf_counter()
+        self._note()
         self._record_link()
+        interval = self.cfg.tracking.system_metrics_every_s
+        if self.stage.startswith("eval_") and interval:  # evaluations compute here, in the driver
+            self._monitor.enter_context(system_metrics(self.run_id, self.tracking_uri, interval, "driver"))
         return self
+
+    def _note(self, headline: str = "") -> None:
+        """The run's description (MLflow's note): what the stage does, its headline, its output."""
+        parts = [self.description, headline, f"Output: {self.out_url}"]
+        self.tag("mlflow.note.content", "\n\n".join(p for p in parts if p))
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        self._monitor.close()
         if not self.finished:
             self.client.set_terminated(self.run_id, "FAILED")
 
@@ -94,20 +126,21 @@ class StageRun:
             self.client.set_tag(self.run_id, "tokenflow.input_digests", canonical_json(identity.inputs))
             self.log_json(identity.config, "stage_config.json")
             self.log_json(asdict(identity), "stage_identity.json")
-        datasets = []
         for name, url in sorted(self.link.upstream.items()):
             manifest = storage.read_json(storage.join(url, MANIFEST_NAME))
             self.log_json(manifest, f"{name}_MANIFEST.json", "inputs")
+            if manifest.get("mlflow_run_id"):  # the run that made this input
+                self.tag(f"tokenflow.upstream.{name}.run_id", manifest["mlflow_run_id"])
             if manifest.get("kind") in DATASET_KINDS:
-                datasets.append((name, url, manifest))
-        if datasets:
-            from mlflow.entities import Dataset, DatasetInput, InputTag
+                self.log_dataset(name, content_digest(manifest), url)
 
-            self.client.log_inputs(self.run_id, datasets=[
-                DatasetInput(Dataset(name=name, digest=content_digest(manifest)[:12],
-                                     source_type="tokenflow", source=url, schema=None, profile=None),
-                             tags=[InputTag("mlflow.data.context", "training")])
-                for name, url, manifest in datasets])
+    def log_dataset(self, name: str, digest: str, source: str) -> None:
+        """Record a dataset this stage reads (context: training, or evaluation for eval_*)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(
+            Dataset(name=name, digest=digest[:12], source_type="tokenflow", source=source, schema=None, profile=None),
+            tags=[InputTag("mlflow.data.context", self.context)])])
 
     def artifact(self, path: Path, directory: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), directory)
@@ -127,13 +160,16 @@ class StageRun:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in sorted(values.items())])
 
-    def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
+    def finish(self, manifest: dict[str, Any], headline: str = "") -> dict[str, Any]:
         """Complete ``manifest`` (the stage's inputs, config hash and run id), write it last, and
-        close the run FINISHED; returns it."""
+        close the run FINISHED (its description gains ``headline``); returns it."""
+        if headline:
+            self._note(headline)
         manifest = {**manifest, "inputs": self.inputs, "config_hash": self.config_hash, "mlflow_run_id": self.run_id}
         storage.write_json_atomic(storage.join(self.out_url, MANIFEST_NAME), manifest)
         self.log_json(manifest, MANIFEST_NAME, "output")
         self.metrics({"stage_seconds": time.perf_counter() - self.started})
+        self._monitor.close()
         self.client.set_terminated(self.run_id, "FINISHED")
         self.finished = True
         return manifest

@@ -3,6 +3,7 @@ configs. Every stage opens its run through :mod:`tokenflow.stages.stage_run`; th
 
 from __future__ import annotations
 
+import getpass
 import os
 import subprocess
 from pathlib import Path
@@ -24,23 +25,42 @@ def resolve_tracking_uri(cfg: TrackingConfig, storage_url: str) -> str:
     if not storage.is_local(storage_url):
         raise ValueError(f"storage {storage_url} is not local: set tracking.tracking_uri (or "
                          "MLFLOW_TRACKING_URI) to an MLflow server")
-    path = Path(storage.filesystem(storage_url)[1])
+    path = Path(storage.filesystem(storage_url)[1]).resolve()
     path.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path.resolve() / 'mlflow.db'}"
+    uri = f"sqlite:///{path / 'mlflow.db'}"
+    if not (path / "mlflow.db").exists():
+        # Create the store here so its "Default" experiment keeps artifacts under the storage
+        # root too (MLflow would otherwise point it at ./mlruns of whatever directory the first
+        # client ran in, e.g. a Ray job's temporary working directory).
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        SqlAlchemyStore(uri, _artifact_location(str(path)))
+    return uri
+
+
+def _artifact_location(storage_url: str) -> str:
+    if storage.is_local(storage_url):
+        return Path(storage.filesystem(storage_url)[1]).resolve().joinpath("mlartifacts").as_uri()
+    return storage.join(storage_url, "mlartifacts")
+
+
+# The MLflow UI opens a "custom model development" experiment on its runs table (the other kinds
+# open a GenAI traces view); MLflow 3.17's UI reads this experiment tag.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def ensure_experiment(name: str, storage_url: str) -> str:
-    """The experiment id for ``name``, created with artifacts under the storage root if new."""
+    """The experiment id for ``name``, created (model-training kind, artifacts under the storage
+    root) if new; an existing experiment gets the kind tag if it lacks it."""
     import mlflow
 
     found = mlflow.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    if storage.is_local(storage_url):
-        location = Path(storage.filesystem(storage_url)[1]).resolve().joinpath("mlartifacts").as_uri()
-    else:
-        location = storage.join(storage_url, "mlartifacts")
-    return mlflow.create_experiment(name, artifact_location=location)
+    if found is None:
+        return mlflow.create_experiment(name, artifact_location=_artifact_location(storage_url), tags=EXPERIMENT_KIND)
+    for key, value in EXPERIMENT_KIND.items():
+        if found.tags.get(key) != value:
+            mlflow.MlflowClient().set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
 
 
 def git_commit() -> str:
@@ -66,8 +86,19 @@ def flatten_params(value: Any, prefix: str = "") -> dict[str, str]:
     return {prefix: text if len(text) <= _MAX_PARAM_VALUE else text[: _MAX_PARAM_VALUE - 3] + "..."}
 
 
+def standard_tags(source: str) -> dict[str, str]:
+    """MLflow's own source, git and user tags (what the UI shows in a run's overview)."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # a container user without a name
+        user = "unknown"
+    return {"mlflow.source.name": source, "mlflow.source.type": "JOB", "mlflow.source.git.commit": git_commit(),
+            "mlflow.user": user}
+
+
 def find_or_create_run(experiment_id: str, stage: str, out_url: str, params: dict[str, str],
-                       tags: dict[str, str], parent_run_id: str | None, reuse_unfinished: bool = True) -> str:
+                       tags: dict[str, str], parent_run_id: str | None, reuse_unfinished: bool = True,
+                       run_name: str | None = None) -> str:
     """The unfinished MLflow run for this stage output (a resumed job), or a new one."""
     import mlflow
     from mlflow.entities import Param
@@ -84,17 +115,18 @@ def find_or_create_run(experiment_id: str, stage: str, out_url: str, params: dic
     all_tags = {"tokenflow.stage": stage, "tokenflow.output": out_url, **tags}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, run_name=stage, tags=all_tags)
+    run = client.create_run(experiment_id, run_name=run_name or stage, tags=all_tags)
     items = sorted(params.items())
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[start : start + 100]])
     return run.info.run_id
 
 
-def start_stage_run(cfg: Any, stage: str, sections: set[str], out_url: str, inputs: dict[str, str],
-                    parent_run_id: str | None = None, reuse_unfinished: bool = True) -> tuple[str, str, dict[str, str]]:
-    """Open (or reopen, on resume) the stage's MLflow run with its config sections, their hash,
-    the git commit and its inputs' digests as params and tags.
+def start_stage_run(cfg: Any, stage: str, config: dict[str, Any], out_url: str, inputs: dict[str, str],
+                    parent_run_id: str | None = None, reuse_unfinished: bool = True,
+                    run_name: str | None = None, source: str = "pipelines/full.py") -> tuple[str, str, dict[str, str]]:
+    """Open (or reopen, on resume) the stage's MLflow run with the ``config`` it depends on, its
+    hash, the git commit and its inputs' digests as params, and the standard tags.
 
     Returns ``(tracking_uri, run_id, params)``.
     """
@@ -105,10 +137,11 @@ def start_stage_run(cfg: Any, stage: str, sections: set[str], out_url: str, inpu
     tracking_uri = resolve_tracking_uri(cfg.tracking, out_url)
     mlflow.set_tracking_uri(tracking_uri)
     experiment_id = ensure_experiment(cfg.tracking.experiment, out_url)
-    subset = cfg.model_dump(mode="json", include=sections)
-    params = {**flatten_params(subset), "config_hash": config_hash(subset), "git_commit": git_commit(),
+    params = {**flatten_params(config), "config_hash": config_hash(config), "git_commit": git_commit(),
               **{f"input.{name}": digest for name, digest in inputs.items()}}
-    tags = {"tokenflow.git_commit": params["git_commit"],
+    tags = {**standard_tags(source), "tokenflow.git_commit": params["git_commit"],
+            "tokenflow.config_hash": params["config_hash"],
             **{f"tokenflow.input.{name}": digest for name, digest in inputs.items()}}
-    run_id = find_or_create_run(experiment_id, stage, out_url, params, tags, parent_run_id, reuse_unfinished)
+    run_id = find_or_create_run(experiment_id, stage, out_url, params, tags, parent_run_id, reuse_unfinished,
+                                run_name)
     return tracking_uri, run_id, params

@@ -22,6 +22,12 @@ from tokenflow.stages.training import fit, resolve_use_gpu
 from tokenflow.train.jobs import TokenizerJob
 
 TRAIN_RUN_NAME = "train"
+_DESCRIPTIONS = {
+    "train_tokenizer": "Trains the TokenFlow tokenizer (shared-mapping dual codebook, multi-scale residual "
+                       "quantizer, semantic and pixel decoders) with DeepSpeed on Ray Train workers.",
+    "finetune_decoder": "Fine-tunes only the pixel decoder of the trained tokenizer (everything else frozen, "
+                        "token ids unchanged), the reference's second phase.",
+}
 EXPORT_NAME = "tokenizer.safetensors"
 
 
@@ -52,7 +58,7 @@ def _run_tokenizer_stage(cfg: TokenFlowConfig, section: str, logged: set[str], c
 
     t = getattr(cfg, section)
     inputs = {"corpus_manifest": content_digest(corpus_manifest), **inputs}
-    with StageRun(cfg, section, logged, out_url, inputs, link) as run:
+    with StageRun(cfg, section, logged, out_url, inputs, link, _DESCRIPTIONS[section]) as run:
         job = TokenizerJob(
             config=cfg, use_gpu=resolve_use_gpu(t.use_gpu), tracking_uri=run.tracking_uri,
             mlflow_run_id=run.run_id, section=section,

@@ -151,8 +151,8 @@ def _log_samples(model: NextScaleGenerator, prompts: _Prompts, captions: list[st
     images = load_tokenizer(storage.local_path(tokenizer_url), view=t.tokenizer_view).decode_indices(tokens.cpu())
     with tempfile.TemporaryDirectory() as tmp:
         grid = save_image_grid(Path(tmp) / f"samples_step{step:07d}.png", [img[None] for img in images],
-                               [c[:48] for c in captions], scale=2)
+                               captions, scale=max(1, 192 // images.shape[-1]))
         listing = Path(tmp) / f"samples_step{step:07d}.txt"
         listing.write_text("\n".join(captions) + "\n")
-        tracker.artifact(grid, "samples")
+        tracker.image("samples", grid, step)
         tracker.artifact(listing, "samples")

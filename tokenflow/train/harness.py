@@ -7,13 +7,15 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from tokenflow.monitoring import system_metrics
 from tokenflow.train.checkpoint import load_checkpoint, save_checkpoint
 from tokenflow.train.jobs import WorkerJob
 
@@ -41,9 +43,11 @@ def all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, floa
 
 
 class Tracker:
-    """Rank 0's MLflow logging into the stage's run; a no-op on other ranks."""
+    """Rank 0's MLflow logging into the stage's run (a no-op on other ranks), and each node's
+    system metrics."""
 
     def __init__(self, job: WorkerJob, rank: int):
+        self.job = job
         self.active = rank == 0 and job.mlflow_run_id is not None
         if self.active:
             import mlflow
@@ -61,6 +65,28 @@ class Tracker:
     def artifact(self, path: Path, artifact_dir: str) -> None:
         if self.active:
             self.client.log_artifact(self.run_id, str(path), artifact_dir)
+
+    def image(self, key: str, path: Path, step: int) -> None:
+        """An image of ``step`` under ``key``: the MLflow UI shows it with a step slider."""
+        if self.active:
+            from PIL import Image
+
+            with Image.open(path) as image:
+                self.client.log_image(self.run_id, image.convert("RGB"), key=key, step=step)
+
+    @contextmanager
+    def node_metrics(self) -> Iterator[None]:
+        """While inside: this node's CPU, memory, disk, network (and GPU) as ``system/<node>/...``
+        metrics of the stage's run, sampled by the node's first worker (local rank 0)."""
+        import ray.train
+
+        interval = self.job.config.tracking.system_metrics_every_s
+        if not interval or self.job.mlflow_run_id is None or ray.train.get_context().get_local_rank() != 0:
+            yield
+            return
+        with system_metrics(self.job.mlflow_run_id, self.job.tracking_uri, interval,
+                            f"node-{ray.train.get_context().get_node_rank()}"):
+            yield
 
 
 def restore(engines: dict[str, Any], rank: int, world_size: int) -> dict[str, Any] | None:

@@ -86,16 +86,20 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def run_loop(task: TrainingTask, schedule: Schedule, tracker: Tracker, rank: int, world: int, name: str) -> int:
+def run_loop(task: TrainingTask, schedule: Schedule, tracker: Tracker, rank: int, world: int, name: str) -> None:
     """Train ``task`` to ``schedule.steps``, resuming from Ray Train's latest checkpoint when there
-    is one; returns the step it started from."""
+    is one; each node's system metrics go to the stage's run meanwhile."""
     step = 0
     state = restore(task.engines, rank, world)
     if state is not None:
         step = state["step"]
         task.load_state_dict(state["task"])
-    first = step
-    progress = Progress(name, schedule.steps, rank == 0)
+    with tracker.node_metrics():
+        _steps(task, schedule, tracker, rank, world, step, Progress(name, schedule.steps, rank == 0))
+
+
+def _steps(task: TrainingTask, schedule: Schedule, tracker: Tracker, rank: int, world: int, step: int,
+           progress: Progress) -> None:
     samples_per_step = schedule.micro_batch_size * schedule.grad_accum * world
     lr_engine = next(iter(task.engines.values()))
     window_start, window_steps = time.perf_counter(), 0
@@ -122,4 +126,3 @@ def run_loop(task: TrainingTask, schedule: Schedule, tracker: Tracker, rank: int
 
         if schedule.due(step, schedule.checkpoint_every):
             report_checkpoint(task.engines, rank, world, {"step": step, "task": task.state_dict()})
-    return first

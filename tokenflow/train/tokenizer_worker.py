@@ -139,9 +139,9 @@ class TokenizerTask:
             with tempfile.TemporaryDirectory() as tmp:
                 grid = save_image_grid(Path(tmp) / f"heldout_step{step:07d}.png", [self.heldout.cpu(), recon.cpu()],
                                        ["held-out", f"reconstruction, step {step}"], scale=2)
-                self.tracker.artifact(grid, "reconstructions")
-        return {"heldout_psnr": float(psnr(recon, self.heldout).mean()),
-                "heldout_psnr_mean_color": self.baseline_psnr, **out.profile.metrics()}
+                self.tracker.image("heldout_reconstructions", grid, step)
+        return {"heldout/psnr": float(psnr(recon, self.heldout).mean()),
+                "heldout/psnr_mean_color": self.baseline_psnr, **out.profile.metrics()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"stream": self.stream.state_dict(), "quarantined": [q.__dict__ for q in self.stream.quarantined]}

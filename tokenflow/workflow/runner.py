@@ -9,8 +9,11 @@ import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from tokenflow.config import TokenFlowConfig
 from tokenflow.stages.stage_run import RunLink, StageIdentity
@@ -100,16 +103,33 @@ def describe(stages: list[PlannedStage]) -> str:
 
 
 class Lineage:
-    """The pipeline's parent MLflow run: the plan, the resolved config, every stage's state and
-    the evaluations' summary. Each stage owns its nested run (tokenflow.stages.stage_run)."""
+    """The pipeline's parent MLflow run: the plan, the resolved config, the overrides and package
+    versions, every stage's state and the evaluations' summary. Each stage owns its nested run
+    (tokenflow.stages.stage_run). An invocation with nothing to run is named and described as
+    cached, and links the runs it reused."""
 
-    def __init__(self, cfg: TokenFlowConfig, storage_root: str, stages: list[PlannedStage], config_path: str):
+    def __init__(self, cfg: TokenFlowConfig, storage_root: str, stages: list[PlannedStage], config_path: str,
+                 overrides: list[str]):
         import mlflow
 
-        tracking_uri, self.run_id, _ = start_stage_run(cfg, PIPELINE_STAGE, set(type(cfg).model_fields), storage_root,
-                                                       {}, None, reuse_unfinished=False)
+        self.name = Path(config_path).stem
+        reused = {p.name: p.output.manifest().get("mlflow_run_id") for p in stages if p.cached}
+        cached = all(p.cached or not p.selected for p in stages)
+        tracking_uri, self.run_id, _ = start_stage_run(
+            cfg, PIPELINE_STAGE, cfg.model_dump(mode="json"), storage_root, {}, None, reuse_unfinished=False,
+            run_name=f"{self.name} pipeline" + (" (cached)" if cached else ""))
         self.client = mlflow.MlflowClient(tracking_uri)
         self.client.set_tag(self.run_id, "tokenflow.config_file", config_path)
+        self.client.set_tag(self.run_id, "tokenflow.cached", str(cached).lower())
+        for name, run_id in reused.items():
+            if run_id:
+                self.client.set_tag(self.run_id, f"tokenflow.reused.{name}.run_id", run_id)
+        note = (f"The {self.name} pipeline ({config_path}) under {storage_root}: "
+                f"{sum(p.selected and not p.cached for p in stages)} stages to run, {len(reused)} cached.")
+        if cached:
+            note = (f"Nothing ran: every stage of the {self.name} pipeline was already complete under "
+                    f"{storage_root}. The runs that made them are tagged tokenflow.reused.<stage>.run_id.")
+        self.client.set_tag(self.run_id, "mlflow.note.content", note)
         for p in stages:
             self.stage_state(p)
         self._log_json({"stages": [{"name": p.name, "status": p.status, "inputs": list(p.spec.inputs),
@@ -117,12 +137,19 @@ class Lineage:
                                     "output": p.output.url if p.output else None} for p in stages]},
                        "plan.json")
         self._log_json(cfg.model_dump(mode="json"), "resolved_config.json")
+        self._log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "resolved_config.yaml")
+        self._log_text("".join(f"{o}\n" for o in overrides), "overrides.txt")
+        self._log_text("".join(f"{d.metadata['Name']}=={d.version}\n" for d in sorted(
+            metadata.distributions(), key=lambda d: (d.metadata["Name"] or "").lower())), "packages.txt")
 
-    def _log_json(self, value: Any, name: str) -> None:
+    def _log_text(self, text: str, name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
-            path.write_text(json.dumps(value, indent=2, sort_keys=True))
+            path.write_text(text)
             self.client.log_artifact(self.run_id, str(path))
+
+    def _log_json(self, value: Any, name: str) -> None:
+        self._log_text(json.dumps(value, indent=2, sort_keys=True), name)
 
     def stage_state(self, p: PlannedStage, status: str | None = None) -> None:
         """Tag the parent run with a stage's identity and state."""
@@ -130,7 +157,7 @@ class Lineage:
                             f"{p.output.hash[:12] if p.output else '-'} {status or p.status}")
 
     def link(self, p: PlannedStage, inputs: dict[str, StageOutput]) -> RunLink:
-        return RunLink(self.run_id, p.identity, {name: out.url for name, out in inputs.items()})
+        return RunLink(self.run_id, p.identity, {name: out.url for name, out in inputs.items()}, self.name)
 
     def summary(self, manifests: dict[str, dict[str, Any]]) -> None:
         """Every evaluation's metrics on the parent run (``<stage>/<metric>``)."""
@@ -214,7 +241,7 @@ def execute(cfg: TokenFlowConfig, storage_root: str, stages: list[PlannedStage],
 
 
 def run_pipeline(cfg: TokenFlowConfig, storage_root: str, config_path: str, only: str | None = None,
-                 start: str | None = None) -> dict[str, dict[str, Any]]:
+                 start: str | None = None, overrides: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Plan, open the parent run, execute, log the summary; returns the manifests."""
     import os
 
@@ -223,7 +250,7 @@ def run_pipeline(cfg: TokenFlowConfig, storage_root: str, config_path: str, only
     log.info("plan:\n%s", describe(planned))
     # One tracking store for every stage (and the Ray workers they start).
     os.environ["MLFLOW_TRACKING_URI"] = resolve_tracking_uri(cfg.tracking, storage_root)
-    lineage = Lineage(cfg, storage_root, planned, config_path)
+    lineage = Lineage(cfg, storage_root, planned, config_path, overrides or [])
     try:
         manifests = execute(cfg, storage_root, planned, lineage, env)
     except BaseException:
