@@ -75,10 +75,11 @@ def loop_worker(rank: int, world: int, port: int, config: dict[str, Any], shards
     from tokenflow.data.manifest import ShardRecord
     from tokenflow.models.losses import TokenizerLoss
     from tokenflow.models.tokenizer import TokenFlowTokenizer
+    from tokenflow.seeding import seed_for
     from tokenflow.train.engines import deepspeed_config, init_distributed, make_engine
-    from tokenflow.train.harness import all_reduce_mean, seed_for
+    from tokenflow.train.harness import all_reduce_mean
     from tokenflow.train.image_stream import ImageStream
-    from tokenflow.train.tokenizer_worker import _global_usage
+    from tokenflow.train.tokenizer_worker import global_usage
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
@@ -120,7 +121,7 @@ def loop_worker(rank: int, world: int, port: int, config: dict[str, Any], shards
                                                 step)
                 update(terms["total"])
                 values = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
-            _global_usage(model)
+            global_usage(model)
             return all_reduce_mean(values, world)["loss/total"]
 
         return window

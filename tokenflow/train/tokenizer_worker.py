@@ -59,6 +59,13 @@ def heldout_images(records: list[ShardRecord], count: int, image_size: int) -> t
     return torch.stack(images)
 
 
+def global_usage(model: TokenFlowTokenizer) -> tuple[float, float]:
+    """Codebook usage and perplexity over every worker's recent tokens (collective)."""
+    counts = model.usage.counts.double()
+    dist.all_reduce(counts)
+    return usage_and_perplexity(counts)
+
+
 class TokenizerTask:
     """The tokenizer (or decoder-only) training step for :func:`run_loop`: two DeepSpeed engines,
     the tokenizer and the PatchGAN discriminator, each with its own Adam."""
@@ -121,9 +128,7 @@ class TokenizerTask:
         return values
 
     def log_values(self) -> dict[str, float]:
-        counts = self.model.usage.counts.double()
-        dist.all_reduce(counts)
-        usage, perplexity = usage_and_perplexity(counts)
+        usage, perplexity = global_usage(self.model)
         return {"codebook/usage": usage, "codebook/perplexity": perplexity,
                 "quarantined": float(len(self.stream.quarantined))}
 
