@@ -67,15 +67,12 @@ def run_pretokenize(cfg: TokenFlowConfig, stage: str, corpus_manifest: dict[str,
                     out_url: str, view: TokenizerView | None = None, link: RunLink | None = None) -> dict[str, Any]:
     """The pipeline's ``pretokenize`` (or, at ``view``, ``pretokenize_generation``) stage: the
     token shards in the stage's MLflow run; returns the manifest."""
-    from tokenflow.models.weights import file_sha256
-
-    inputs = {"corpus_manifest": content_digest(corpus_manifest),
-              "tokenizer": file_sha256(storage.local_path(tokenizer_url))}
+    inputs = {"corpus_manifest": content_digest(corpus_manifest), "tokenizer": _tokenizer_digest(tokenizer_url)}
     with StageRun(cfg, stage, {"pretokenize"}, out_url, inputs, link,
                   "Encodes every corpus shard into a Parquet token shard with the tokenizer export"
                   + (f" at {view.image_size} px, scales {list(view.scales)}" if view is not None else "")
                   + "; undecodable samples are quarantined.") as run:
-        manifest = encode_corpus(corpus_manifest, tokenizer_url, out_url, cfg.pretokenize, view)
+        manifest = encode_corpus(corpus_manifest, tokenizer_url, inputs["tokenizer"], out_url, cfg.pretokenize, view)
         run.metrics({f"{split}/{key}": float(block[key]) for split, block in manifest["splits"].items()
                      for key in ("rows", "quarantined")})
         return run.finish(manifest)
@@ -85,15 +82,21 @@ def pretokenize_corpus(corpus_manifest: dict[str, Any], tokenizer_url: str, out_
                        cfg: PretokenizeConfig, view: TokenizerView | None = None) -> dict[str, Any]:
     """Tokenize every shard of every split of a corpus into ``out_url`` (with the tokenizer at
     ``view`` when given); writes and returns the manifest."""
-    manifest = encode_corpus(corpus_manifest, tokenizer_url, out_url, cfg, view)
+    manifest = encode_corpus(corpus_manifest, tokenizer_url, _tokenizer_digest(tokenizer_url), out_url, cfg, view)
     storage.write_json_atomic(storage.join(out_url, MANIFEST_NAME), manifest)
     return manifest
 
 
-def encode_corpus(corpus_manifest: dict[str, Any], tokenizer_url: str, out_url: str,
+def _tokenizer_digest(tokenizer_url: str) -> str:
+    from tokenflow.models.weights import file_sha256
+
+    return file_sha256(storage.local_path(tokenizer_url))
+
+
+def encode_corpus(corpus_manifest: dict[str, Any], tokenizer_url: str, tokenizer_digest: str, out_url: str,
                   cfg: PretokenizeConfig, view: TokenizerView | None = None) -> dict[str, Any]:
-    """Encode every shard not yet encoded, then reconcile them all; returns the manifest (not
-    yet written)."""
+    """Encode every shard not yet encoded with the tokenizer export at ``tokenizer_url`` (sha256
+    ``tokenizer_digest``), then reconcile them all; returns the manifest (not yet written)."""
     import ray
 
     items = [{"split": split, **asdict(r)} for split in corpus_manifest["splits"]
@@ -120,15 +123,13 @@ def encode_corpus(corpus_manifest: dict[str, Any], tokenizer_url: str, out_url: 
     log.info("pretokenize: %d shards encoded (%d already done), %d samples in %.1fs (%.1f samples/s), "
              "%d quarantined", len(done), len(results) - len(done), rows, elapsed,
              rows / max(elapsed, 1e-9), sum(r["quarantined"] for r in done))
-    return finalize(corpus_manifest, out_url, tokenizer_url, cfg, view)
+    return finalize(corpus_manifest, out_url, tokenizer_digest, cfg, view)
 
 
-def finalize(corpus_manifest: dict[str, Any], out_url: str, tokenizer_url: str,
+def finalize(corpus_manifest: dict[str, Any], out_url: str, tokenizer_digest: str,
              cfg: PretokenizeConfig, view: TokenizerView | None = None) -> dict[str, Any]:
-    """Reconcile every shard with the corpus and merge the quarantine; returns the manifest."""
-    from tokenflow.models.weights import file_sha256
-
-    tokenizer_digest = file_sha256(storage.local_path(tokenizer_url))
+    """Reconcile every shard with the corpus (each made by the tokenizer of sha256
+    ``tokenizer_digest``) and merge the quarantine; returns the manifest."""
     splits: dict[str, Any] = {}
     quarantine_tables = []
     first_info = None

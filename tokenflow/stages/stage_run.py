@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,7 @@ from tokenflow import storage
 from tokenflow.config import TokenFlowConfig, canonical_json
 from tokenflow.data.manifest import MANIFEST_NAME, content_digest
 from tokenflow.monitoring import system_metrics
-from tokenflow.stages.tracking import start_stage_run
+from tokenflow.stages.tracking import log_text_artifact, start_stage_run
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +145,7 @@ class StageRun:
         self.client.log_artifact(self.run_id, str(path), directory)
 
     def log_json(self, value: Any, name: str, directory: str | None = None) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / name
-            path.write_text(json.dumps(value, indent=2, sort_keys=True))
-            self.artifact(path, directory)
+        log_text_artifact(self.client, self.run_id, json.dumps(value, indent=2, sort_keys=True), name, directory)
 
     def tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)

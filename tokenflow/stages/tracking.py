@@ -6,6 +6,7 @@ from __future__ import annotations
 import getpass
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,14 @@ def flatten_params(value: Any, prefix: str = "") -> dict[str, str]:
         return out
     text = str(value)
     return {prefix: text if len(text) <= _MAX_PARAM_VALUE else text[: _MAX_PARAM_VALUE - 3] + "..."}
+
+
+def log_text_artifact(client: Any, run_id: str, text: str, name: str, directory: str | None = None) -> None:
+    """Log ``text`` as the artifact file ``[directory/]name`` of a run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(text)
+        client.log_artifact(run_id, str(path), directory)
 
 
 def standard_tags(source: str) -> dict[str, str]:

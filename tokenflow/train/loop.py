@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tokenflow.config import TrainingConfig
@@ -69,7 +69,6 @@ class Progress:
     name: str
     steps: int
     active: bool
-    started: float = field(default_factory=time.perf_counter)
 
     def report(self, step: int, values: dict[str, float], seconds_per_step: float) -> None:
         if not self.active:

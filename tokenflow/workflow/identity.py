@@ -135,8 +135,8 @@ def _device(spec: StageSpec, cfg: TokenFlowConfig, env: Environment) -> str:
     if spec.device == "pretokenize":
         gpus = cfg.pretokenize.gpus_per_actor
         return "cuda" if (gpus == "auto" and env.cluster_gpus) or (gpus != "auto" and gpus > 0) else "cpu"
-    if spec.device is not None:  # a training section
-        use_gpu = getattr(cfg, spec.device).use_gpu
+    if spec.training_section is not None:
+        use_gpu = getattr(cfg, spec.training_section).use_gpu
         return "cuda" if (use_gpu == "auto" and env.cluster_gpus) or use_gpu is True else "cpu"
     return "cpu"
 
@@ -149,9 +149,9 @@ def resolve(spec: StageSpec, cfg: TokenFlowConfig, data: dict[str, Any], upstrea
         inputs.update(spec.sources(cfg))
     modules = project_modules(spec.module, env.package)
     deepspeed = None
-    if spec.device not in (None, "eval", "pretokenize"):
-        deepspeed = hashlib.sha256(canonical_json(load_deepspeed_config(getattr(cfg, spec.device).deepspeed))
-                                   .encode()).hexdigest()
+    if spec.training_section is not None:
+        section = getattr(cfg, spec.training_section)
+        deepspeed = hashlib.sha256(canonical_json(load_deepspeed_config(section.deepspeed)).encode()).hexdigest()
     fields = {"stage": spec.name, "config": config_subset(data, spec.config, spec.exclude), "inputs": inputs,
               "code": code_digest(spec.module, env.package), "deepspeed": deepspeed,
               "libraries": {name: env.libraries.get(name, "absent") for name in spec.libraries},

@@ -54,6 +54,11 @@ class StageSpec:
     libraries: tuple[str, ...] = MODEL_LIBRARIES
     sources: Callable[[TokenFlowConfig], dict[str, str]] | None = None  # data read from outside the pipeline
 
+    @property
+    def training_section(self) -> str | None:
+        """The config section of a DeepSpeed-on-Ray-Train stage, else None."""
+        return self.device if self.device not in (None, "eval", "pretokenize") else None
+
 
 def _manifest(inputs: Inputs, name: str) -> dict[str, Any]:
     return inputs[name].manifest()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
@@ -17,7 +16,7 @@ import yaml
 
 from tokenflow.config import TokenFlowConfig
 from tokenflow.stages.stage_run import RunLink, StageIdentity
-from tokenflow.stages.tracking import resolve_tracking_uri, start_stage_run
+from tokenflow.stages.tracking import log_text_artifact, resolve_tracking_uri, start_stage_run
 from tokenflow.workflow.durable import StageOutput
 from tokenflow.workflow.identity import Environment, resolve
 from tokenflow.workflow.pipeline import StageSpec, downstream, resources, stages
@@ -143,10 +142,7 @@ class Lineage:
             metadata.distributions(), key=lambda d: (d.metadata["Name"] or "").lower())), "packages.txt")
 
     def _log_text(self, text: str, name: str) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / name
-            path.write_text(text)
-            self.client.log_artifact(self.run_id, str(path))
+        log_text_artifact(self.client, self.run_id, text, name)
 
     def _log_json(self, value: Any, name: str) -> None:
         self._log_text(json.dumps(value, indent=2, sort_keys=True), name)
