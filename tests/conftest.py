@@ -54,3 +54,29 @@ def random_crops(photos: list[torch.Tensor], n: int, size: int, generator: torch
         crop = img[None, :, y : y + side, x : x + side]
         crops.append(torch.nn.functional.interpolate(crop, size=(size, size), mode="area"))
     return torch.cat(crops)
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory):
+    """A real S3 server (SeaweedFS) for the session; its endpoint and key are exported in the
+    standard AWS variables, so every S3 client started after this (Ray workers too) finds it."""
+    from tokenflow.services.object_store import ObjectStore
+
+    store = ObjectStore(tmp_path_factory.mktemp("s3")).start(dict(os.environ))
+    saved = {k: os.environ.get(k) for k in store.client_env}
+    os.environ.update(store.client_env)
+    yield store
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    store.stop()
+
+
+@pytest.fixture
+def s3_url(s3_store, request) -> str:
+    """A fresh prefix in the session's bucket."""
+    import uuid
+
+    return f"s3://{s3_store.bucket}/{request.node.name.split('[')[0]}-{uuid.uuid4().hex[:8]}"

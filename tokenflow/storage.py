@@ -14,9 +14,29 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 
+_IN_PROCESS = {None, "file", "local", "memory"}
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem serving ``url`` and the path within it."""
-    return fsspec.core.url_to_fs(url)
+    """The filesystem serving ``url`` and the path within it. Object stores get no listings
+    cache: other processes (Ray workers, other nodes) write the objects this one checks for.
+    Endpoints and credentials come from the environment (``AWS_ENDPOINT_URL``, ...) or fsspec's
+    own configuration, never from code."""
+    protocol = fsspec.core.split_protocol(url)[0]
+    if protocol in _IN_PROCESS:
+        return fsspec.core.url_to_fs(url)
+    return fsspec.core.url_to_fs(url, use_listings_cache=False)
+
+
+def pyarrow_filesystem(url: str) -> tuple[Any, str]:
+    """``url`` as a pyarrow filesystem and path, served by the same fsspec filesystem (so Ray
+    Train and Ray Data see the endpoint and credentials every other reader here sees)."""
+    from pyarrow.fs import FSSpecHandler, LocalFileSystem as ArrowLocal, PyFileSystem
+
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        return ArrowLocal(), path
+    return PyFileSystem(FSSpecHandler(fs)), path
 
 
 def is_local(url: str) -> bool:
@@ -38,12 +58,14 @@ CACHE_ROOT = "/tmp/tokenflow-cache"
 
 def local_path(url: str, cache_root: str | Path = CACHE_ROOT) -> Path:
     """A local path for a file or (small) directory URL: itself when local, else a copy
-    downloaded once per node under ``cache_root``, keyed by the URL and renamed into place whole
-    (an interrupted download never looks complete)."""
+    downloaded once per node under ``cache_root``, keyed by the URL and the objects' versions (an
+    object rewritten in place is fetched again) and renamed into place whole (an interrupted
+    download never looks complete)."""
     fs, path = filesystem(url)
     if is_local(url):
         return Path(path)
-    target = Path(cache_root) / hashlib.sha256(url.encode()).hexdigest()[:16] / basename(url)
+    key = hashlib.sha256(json.dumps([url, _versions(fs, path)], default=str).encode()).hexdigest()[:16]
+    target = Path(cache_root) / key / basename(url)
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
@@ -58,6 +80,28 @@ def local_path(url: str, cache_root: str | Path = CACHE_ROOT) -> Path:
             if not target.exists():
                 raise
     return target
+
+
+def _versions(fs: fsspec.AbstractFileSystem, path: str) -> list[list[Any]]:
+    """Name, size and version marker (ETag, else modification time) of every object at ``path``."""
+    infos = fs.find(path, detail=True).values() if fs.isdir(path) else [fs.info(path)]
+    return sorted([i["name"], i.get("size"), i.get("ETag") or i.get("mtime") or i.get("LastModified")]
+                  for i in infos)
+
+
+def file_sizes(url: str, exclude: tuple[str, ...] = ()) -> dict[str, int]:
+    """``{relative path: bytes}`` of every file under ``url`` (one listing), leaving out the
+    top-level entries named in ``exclude`` and temp files of interrupted writes."""
+    fs, root = filesystem(url)
+    root = root.rstrip("/")
+    if not fs.exists(root):
+        return {}
+    sizes = {}
+    for path, info in fs.find(root, detail=True).items():
+        rel = path[len(root) + 1:]
+        if rel.split("/", 1)[0] not in exclude and ".tmp-" not in basename(rel):
+            sizes[rel] = int(info["size"])
+    return sizes
 
 
 def exists(url: str) -> bool:

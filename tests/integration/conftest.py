@@ -12,7 +12,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(s3_store):
+    """Ray for the session, started after the S3 server so its workers inherit the endpoint."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,

@@ -1,6 +1,7 @@
 """The package's layers: a module imports only from its own layer or the ones below it.
 
-    config storage seeding viz monitoring  <  models  <  data  <  eval  <  train  <  stages  <  workflow  <  cli demo
+    config storage seeding viz monitoring redaction logs  <  models  <  data  <  eval  <  train  <  stages
+        <  workflow  <  cli demo services
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from pathlib import Path
 from tests.conftest import REPO
 
 PACKAGE = REPO / "tokenflow"
-LAYERS = {"config": 0, "storage": 0, "seeding": 0, "viz": 0, "monitoring": 0, "models": 1, "data": 2, "eval": 3, "train": 4,
-          "stages": 5, "workflow": 6, "cli": 7, "demo": 7}
+LAYERS = {"config": 0, "storage": 0, "seeding": 0, "viz": 0, "monitoring": 0, "redaction": 0, "logs": 0, "models": 1,
+          "data": 2, "eval": 3, "train": 4, "stages": 5, "workflow": 6, "cli": 7, "demo": 7, "services": 7}
 
 
 def _layer(module: str) -> int:
