@@ -11,13 +11,14 @@ Outputs go to ``<storage>/<stage>/<hash12>/`` (``--storage``, else $TOKENFLOW_ST
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 
 from tokenflow.config import ConfigError, load_config
 from tokenflow.data.corpus import CorpusError
+from tokenflow.logs import configure_logging
+from tokenflow.redaction import redact
 from tokenflow.workflow.pipeline import STAGE_NAMES
 from tokenflow.workflow.runner import PlanError, describe, plan, run_pipeline
 
@@ -34,8 +35,8 @@ def mlflow_hint(tracking_uri: str, experiment: str) -> str:
     found = mlflow.MlflowClient(tracking_uri).get_experiment_by_name(experiment)
     url = f"http://127.0.0.1:5000/#/experiments/{found.experiment_id}" if found else "http://127.0.0.1:5000"
     if tracking_uri.startswith(("http://", "https://")):
-        return f"MLflow: {tracking_uri.rstrip('/')}/#/experiments/{found.experiment_id if found else ''}"
-    return f"MLflow: .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --port 5000, then open {url}"
+        return f"MLflow: {redact(tracking_uri).rstrip('/')}/#/experiments/{found.experiment_id if found else ''}"
+    return f"MLflow: .venv/bin/mlflow ui --backend-store-uri {redact(tracking_uri)} --port 5000, then open {url}"
 
 
 def main() -> int:
@@ -48,7 +49,7 @@ def main() -> int:
     group.add_argument("--from", dest="start", choices=STAGE_NAMES, help="run this stage and everything after it")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (stage, hash, cached or not) and exit")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
 
     try:  # validated before any cluster work
         cfg = load_config(args.config, args.overrides)
@@ -64,7 +65,7 @@ def main() -> int:
 
     ray.init()
     manifests = run_pipeline(cfg, storage_root, args.config, args.only, args.start, args.overrides)
-    print(f"pipeline complete: {len(manifests)} stages under {storage_root}")
+    print(f"pipeline complete: {len(manifests)} stages under {redact(storage_root)}")
     print(mlflow_hint(os.environ["MLFLOW_TRACKING_URI"], cfg.tracking.experiment))
     return 0
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from tokenflow.config import ConfigError, config_hash, load_config
+from tokenflow.logs import configure_logging
 
 log = logging.getLogger("tokenflow")
 
@@ -122,8 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError) as exc:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 INCLUDE_KEY = "include"
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
@@ -546,6 +546,14 @@ class EvalConfig(StrictModel):
     understanding: UnderstandingEvalConfig = UnderstandingEvalConfig()
 
 
+DEFAULT_REGISTERED_MODELS = {
+    "train_tokenizer": "tokenflow-tokenizer",
+    "finetune_decoder": "tokenflow-tokenizer-decoder-ft",
+    "train_generator": "tokenflow-t2i-generator",
+    "train_understanding": "tokenflow-understanding",
+}
+
+
 class TrackingConfig(StrictModel):
     """MLflow tracking. The URI may also come from MLFLOW_TRACKING_URI."""
 
@@ -557,6 +565,23 @@ class TrackingConfig(StrictModel):
         10.0, ge=0, description="MLflow system-metrics sampling interval per node of a training stage and "
         "in the evaluations; 0 turns it off."
     )
+    registered_models: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_REGISTERED_MODELS),
+        description="Model Registry name per model stage; each completed stage registers its export as a new "
+        "version there. {} registers nothing.")
+    registry_alias: str = Field("candidate", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$",
+                                description="Alias the pipeline moves to each version it registers.")
+
+    @field_validator("registered_models")
+    @classmethod
+    def _model_stages(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(DEFAULT_REGISTERED_MODELS))
+        if unknown:
+            raise ValueError(f"registered_models: {unknown} are not model stages "
+                             f"(one of {sorted(DEFAULT_REGISTERED_MODELS)})")
+        if blank := sorted(k for k, v in value.items() if not v.strip()):
+            raise ValueError(f"registered_models: empty name for {blank}")
+        return value
 
 
 # --------------------------------------------------------------------------- root

@@ -38,18 +38,17 @@ def _manifest(corpus: Path) -> dict:
     return storage.read_json(str(corpus / "_MANIFEST.json"))
 
 
-def _history(out: Path, metric: str) -> dict[int, float]:
+def _history(db: Path, metric: str) -> dict[int, float]:
     """Last logged value per step (a resumed run re-logs the steps after its checkpoint)."""
-    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
-    run = client.search_runs([mlflow.get_experiment_by_name("tokenflow").experiment_id])[0]
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    run = client.search_runs([client.get_experiment_by_name("tokenflow").experiment_id])[0]
     values: dict[int, float] = {}
     for m in sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.timestamp):
         values[m.step] = m.value
     return values
 
 
-def _cmd(corpus: Path, out: Path, overrides: list[str]) -> list[str]:
+def _cmd(corpus: Path, out: Path | str, overrides: list[str]) -> list[str]:
     cmd = [sys.executable, str(REPO / "pipelines" / "train_tokenizer.py"), "--config", str(TINY),
            "--corpus", str(corpus), "--out", str(out)]
     for item in [*FAST, *overrides]:
@@ -93,41 +92,65 @@ def test_zero3_two_workers_train_and_log_everything_promised(ray_local, corpus, 
     assert run.data.tags["tokenflow.input.corpus_manifest"] == run.data.params["input.corpus_manifest"]
 
 
-def test_zero2_killed_job_resumes_with_identical_losses(corpus, tmp_path):
-    # mlflow.set_tracking_uri in this process exports MLFLOW_TRACKING_URI; each run keeps its own store.
+# Checkpoints every 2 of 10 steps: each one is a barrier of a second or more, so the kill after
+# the first checkpoint lands well before the end. A warmup + cosine schedule, so resume must also
+# restore the scheduler's position.
+RESUME_STEPS = ["train_tokenizer.steps=10", "train_tokenizer.checkpoint_every=2",
+                "train_tokenizer.lr_schedule.warmup_steps=3", "train_tokenizer.lr_schedule.decay=cosine"]
+
+
+def _subprocess_env() -> dict[str, str]:
+    # mlflow.set_tracking_uri in this process exports MLFLOW_TRACKING_URI; each run names its store.
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_ADDRESS="local")
-    # Checkpoints every 2 of 10 steps: each one is a barrier of a second or more, so the kill
-    # after the first checkpoint lands well before the end.
-    # A warmup + cosine schedule, so resume must also restore the scheduler's position.
-    steps = ["train_tokenizer.steps=10", "train_tokenizer.checkpoint_every=2",
-             "train_tokenizer.lr_schedule.warmup_steps=3", "train_tokenizer.lr_schedule.decay=cosine"]
-    clean, killed = tmp_path / "clean", tmp_path / "killed"
-    subprocess.run(_cmd(corpus, clean, steps), env=env, check=True, capture_output=True)
+    return env
 
-    proc = subprocess.Popen(_cmd(corpus, killed, steps), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory) -> tuple[Path, Path]:
+    """(output dir, tracking db) of the run the interrupted ones must reproduce."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    out, db = root / "out", root / "mlflow.db"
+    subprocess.run(_cmd(corpus, out, [*RESUME_STEPS, f"tracking.tracking_uri=sqlite:///{db}"]),
+                   env=_subprocess_env(), check=True, capture_output=True)
+    return out, db
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_zero2_killed_job_resumes_with_identical_losses(where, corpus, uninterrupted, tmp_path, request):
+    """SIGKILLed after its first checkpoint, the job resumes from it, on local disk and on S3
+    (Ray Train's checkpoints through the same fsspec filesystem), to the uninterrupted losses."""
+    from tokenflow import storage
+
+    killed = str(tmp_path / "killed") if where == "local" else request.getfixturevalue("s3_url")
+    db = tmp_path / "killed.db"
+    cmd = _cmd(corpus, killed, [*RESUME_STEPS, f"tracking.tracking_uri=sqlite:///{db}"])
+    proc = subprocess.Popen(cmd, env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    fs, path = storage.filesystem(storage.join(killed, "checkpoints", "train"))
     deadline = time.time() + 400
-    while time.time() < deadline and not list((killed / "train").glob("checkpoint_*/rank1.json")):
-        time.sleep(0.1)
+    while time.time() < deadline and not fs.glob(f"{path}/checkpoint_*/rank1.json"):
+        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (killed / "_MANIFEST.json").exists(), "the kill must land before the end"
-    subprocess.run(_cmd(corpus, killed, steps), env=env, check=True, capture_output=True)
+    assert not storage.exists(storage.join(killed, "_MANIFEST.json")), "the kill must land before the end"
+    subprocess.run(cmd, env=_subprocess_env(), check=True, capture_output=True)
 
-    expected, resumed = _history(clean, "loss/total"), _history(killed, "loss/total")
+    clean_out, clean_db = uninterrupted
+    expected, resumed = _history(clean_db, "loss/total"), _history(db, "loss/total")
     assert sorted(expected) == sorted(resumed) == list(range(1, 11))
     for step in expected:
         assert abs(expected[step] - resumed[step]) <= 1e-6, (step, expected[step], resumed[step])
-    assert _history(clean, "lr") == _history(killed, "lr")
-    assert (clean / "tokenizer.safetensors").read_bytes() == (killed / "tokenizer.safetensors").read_bytes()
+    assert _history(clean_db, "lr") == _history(db, "lr")
+    assert (clean_out / "tokenizer.safetensors").read_bytes() == storage.read_bytes(
+        storage.join(killed, "tokenizer.safetensors"))
 
 
 def test_corrupt_optimizer_state_fails_loudly(ray_local, corpus, tmp_path):
     out = tmp_path / "run"
     cfg = load_config(TINY, [*FAST, "train_tokenizer.steps=2", "train_tokenizer.checkpoint_every=2"])
     run_train_tokenizer(cfg, _manifest(corpus), str(out))
-    latest = sorted((out / "train").glob("checkpoint_0*"))[-1]
+    latest = sorted((out / "checkpoints" / "train").glob("checkpoint_0*"))[-1]
     optim = sorted(latest.glob("generator/state/*optim_states.pt"))[0]
     optim.write_bytes(optim.read_bytes()[:100])
     longer = load_config(TINY, [*FAST, "train_tokenizer.steps=4", "train_tokenizer.checkpoint_every=2"])

@@ -133,3 +133,12 @@ def test_eval_section_rejects_bad_values_with_their_paths():
     for where in ("eval.reconstruction.fid.architecture", "eval.generation.images_per_prompt",
                   "eval.generation.sampling: top_k has 1 rounds but top_p 2", "eval.bogus: unknown key"):
         assert where in message, where
+
+
+def test_registered_models_name_only_model_stages():
+    with pytest.raises(ConfigError, match="not model stages"):
+        load_config(MODEL_CONFIGS / "tokenflow-tiny.yaml", ["tracking.registered_models={corpus: x}"])
+    with pytest.raises(ConfigError, match="empty name"):
+        load_config(MODEL_CONFIGS / "tokenflow-tiny.yaml", ["tracking.registered_models={train_generator: ' '}"])
+    cfg = load_config(MODEL_CONFIGS / "tokenflow-tiny.yaml", ["tracking.registered_models={}"])
+    assert cfg.tracking.registered_models == {} and cfg.tracking.registry_alias == "candidate"

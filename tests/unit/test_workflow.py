@@ -297,3 +297,15 @@ def test_a_view_that_does_not_fit_the_grid_is_rejected_before_any_work():
 
     with pytest.raises(ConfigError, match="tokenizer_view: the last quantizer scale must equal the latent grid 9"):
         load_config(SMOKE, ["train_generator.tokenizer_view={image_size: 72, scales: [1, 2, 4, 8]}"])
+
+
+def test_tracking_that_would_fail_after_training_is_refused_at_plan_time(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(SMOKE, ["tracking.tracking_uri=https://user:pw@mlflow.internal"])
+    with pytest.raises(PlanError, match="cannot register exports on this disk") as refused:
+        plan(cfg, str(tmp_path), env=ENV)
+    assert "user:pw" not in str(refused.value)
+    assert plan(load_config(SMOKE, ["tracking.tracking_uri=https://mlflow.internal", "tracking.registered_models={}"]),
+                str(tmp_path), env=ENV)
+    with pytest.raises(PlanError, match="set tracking.tracking_uri"):
+        plan(load_config(SMOKE), "s3://bucket/prefix", env=ENV)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from typing import Any
 
 from tokenflow import storage
 from tokenflow.config import TokenFlowConfig, load_config
 from tokenflow.data.manifest import MANIFEST_NAME
+from tokenflow.logs import configure_logging
 
 
 def stage_parser(doc: str | None, input_stage: str = "corpus") -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def prepare_stage(args: argparse.Namespace) -> tuple[TokenFlowConfig, dict[str, 
     """Configure logging, validate the config, read the input's manifest, then connect to Ray."""
     import ray
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     cfg = load_config(args.config, args.overrides)
     manifest = storage.read_json(storage.join(args.input_url, MANIFEST_NAME))
     ray.init()

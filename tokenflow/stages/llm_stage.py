@@ -112,6 +112,7 @@ def finish_llm_stage(run: StageRun, out_url: str, steps: int, kind: str) -> dict
     size, sha = file_digest(storage.join(out_url, EXPORT_DIR, WEIGHTS_NAME))
     text_digest = config_hash(directory_digests(storage.join(out_url, EXPORT_DIR, TEXT_TOKENIZER_DIR)))
     run.tag("tokenflow.model_sha256", sha)
+    run.register_model(storage.join(out_url, EXPORT_DIR), WEIGHTS_NAME, sha)
     return run.finish({"kind": kind, "model": {"path": f"{EXPORT_DIR}/{WEIGHTS_NAME}", "bytes": size, "sha256": sha},
                        "text_tokenizer": {"path": f"{EXPORT_DIR}/{TEXT_TOKENIZER_DIR}", "digest": text_digest},
                        "steps": steps})

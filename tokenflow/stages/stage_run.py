@@ -28,6 +28,9 @@ from typing import Any
 from tokenflow import storage
 from tokenflow.config import TokenFlowConfig, canonical_json
 from tokenflow.data.manifest import MANIFEST_NAME, content_digest
+from tokenflow.redaction import redact
+from tokenflow.stages.registry import register_export
+from tokenflow.stages.training import CHECKPOINTS_DIR
 from tokenflow.monitoring import system_metrics
 from tokenflow.stages.tracking import log_text_artifact, start_stage_run
 
@@ -97,6 +100,7 @@ class StageRun:
             run_name=self.link.run_name(self.stage))
         self.client = mlflow.MlflowClient(self.tracking_uri)
         self.config_hash = params["config_hash"]
+        self.git_commit = params["git_commit"]
         self.started = time.perf_counter()
         self._note()
         self._record_link()
@@ -138,7 +142,8 @@ class StageRun:
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(
-            Dataset(name=name, digest=digest[:12], source_type="tokenflow", source=source, schema=None, profile=None),
+            Dataset(name=name, digest=digest[:12], source_type="tokenflow", source=redact(source), schema=None,
+                    profile=None),
             tags=[InputTag("mlflow.data.context", self.context)])])
 
     def artifact(self, path: Path, directory: str | None = None) -> None:
@@ -148,7 +153,7 @@ class StageRun:
         log_text_artifact(self.client, self.run_id, json.dumps(value, indent=2, sort_keys=True), name, directory)
 
     def tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
+        self.client.set_tag(self.run_id, key, redact(value))
 
     def metrics(self, values: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -156,12 +161,29 @@ class StageRun:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in sorted(values.items())])
 
+    def register_model(self, source_url: str, weights_path: str, sha256: str) -> None:
+        """Publish this stage's export (``source_url``; its weights file ``weights_path`` inside
+        it, "" when it is that file, of sha256 ``sha256``) in the Model Registry under the
+        configured name, if any."""
+        name = self.cfg.tracking.registered_models.get(self.stage)
+        if not name:
+            return
+        tags = {"tokenflow.config_hash": self.config_hash, "tokenflow.git_commit": self.git_commit,
+                "tokenflow.input_digests": canonical_json(self.inputs)}
+        if self.link.identity is not None:
+            tags["tokenflow.stage_hash"] = self.link.identity.hash
+        version = register_export(self.client, name, self.cfg.tracking.registry_alias, self.stage, self.run_id,
+                                  source_url, weights_path, sha256, tags)
+        self.tag("tokenflow.registered_model", f"{name}/{version}")
+        log.info("%s: registered %s version %s (alias %s)", self.stage, name, version, self.cfg.tracking.registry_alias)
+
     def finish(self, manifest: dict[str, Any], headline: str = "") -> dict[str, Any]:
         """Complete ``manifest`` (the stage's inputs, config hash and run id), write it last, and
         close the run FINISHED (its description gains ``headline``); returns it."""
         if headline:
             self._note(headline)
-        manifest = {**manifest, "inputs": self.inputs, "config_hash": self.config_hash, "mlflow_run_id": self.run_id}
+        manifest = {**manifest, "inputs": self.inputs, "config_hash": self.config_hash, "mlflow_run_id": self.run_id,
+                    "files": storage.file_sizes(self.out_url, exclude=(MANIFEST_NAME, CHECKPOINTS_DIR))}
         storage.write_json_atomic(storage.join(self.out_url, MANIFEST_NAME), manifest)
         self.log_json(manifest, MANIFEST_NAME, "output")
         self.metrics({"stage_seconds": time.perf_counter() - self.started})

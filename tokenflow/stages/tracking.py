@@ -12,6 +12,7 @@ from typing import Any
 
 from tokenflow import storage
 from tokenflow.config import TrackingConfig
+from tokenflow.redaction import redact, redact_config
 
 _REPO = Path(__file__).resolve().parents[2]
 _MAX_PARAM_VALUE = 6000
@@ -51,13 +52,17 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def ensure_experiment(name: str, storage_url: str) -> str:
-    """The experiment id for ``name``, created (model-training kind, artifacts under the storage
-    root) if new; an existing experiment gets the kind tag if it lacks it."""
+    """The experiment id for ``name``, created (model-training kind) if new; an existing
+    experiment gets the kind tag if it lacks it. A tracking server keeps the artifacts where it
+    is configured to (proxied: clients need no storage credentials); a database store keeps them
+    under the storage root."""
     import mlflow
 
     found = mlflow.get_experiment_by_name(name)
     if found is None:
-        return mlflow.create_experiment(name, artifact_location=_artifact_location(storage_url), tags=EXPERIMENT_KIND)
+        server = mlflow.get_tracking_uri().startswith(("http://", "https://"))
+        return mlflow.create_experiment(name, artifact_location=None if server else _artifact_location(storage_url),
+                                        tags=EXPERIMENT_KIND)
     for key, value in EXPERIMENT_KIND.items():
         if found.tags.get(key) != value:
             mlflow.MlflowClient().set_experiment_tag(found.experiment_id, key, value)
@@ -88,10 +93,10 @@ def flatten_params(value: Any, prefix: str = "") -> dict[str, str]:
 
 
 def log_text_artifact(client: Any, run_id: str, text: str, name: str, directory: str | None = None) -> None:
-    """Log ``text`` as the artifact file ``[directory/]name`` of a run."""
+    """Log ``text`` (redacted) as the artifact file ``[directory/]name`` of a run."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
-        path.write_text(text)
+        path.write_text(redact(text))
         client.log_artifact(run_id, str(path), directory)
 
 
@@ -113,6 +118,7 @@ def find_or_create_run(experiment_id: str, stage: str, out_url: str, params: dic
     from mlflow.entities import Param
 
     client = mlflow.MlflowClient()
+    out_url = redact(out_url)
     found = client.search_runs([experiment_id],
                                filter_string=f"tags.`tokenflow.stage` = '{stage}' and "
                                              f"tags.`tokenflow.output` = '{out_url}'",
@@ -121,7 +127,7 @@ def find_or_create_run(experiment_id: str, stage: str, out_url: str, params: dic
         if found[0].info.status != "RUNNING":  # a failed attempt: the resumed stage runs in it again
             client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
-    all_tags = {"tokenflow.stage": stage, "tokenflow.output": out_url, **tags}
+    all_tags = {"tokenflow.stage": stage, "tokenflow.output": out_url, **{k: redact(v) for k, v in tags.items()}}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name or stage, tags=all_tags)
@@ -146,7 +152,7 @@ def start_stage_run(cfg: Any, stage: str, config: dict[str, Any], out_url: str, 
     tracking_uri = resolve_tracking_uri(cfg.tracking, out_url)
     mlflow.set_tracking_uri(tracking_uri)
     experiment_id = ensure_experiment(cfg.tracking.experiment, out_url)
-    params = {**flatten_params(config), "config_hash": config_hash(config), "git_commit": git_commit(),
+    params = {**flatten_params(redact_config(config)), "config_hash": config_hash(config), "git_commit": git_commit(),
               **{f"input.{name}": digest for name, digest in inputs.items()}}
     tags = {**standard_tags(source), "tokenflow.git_commit": params["git_commit"],
             "tokenflow.config_hash": params["config_hash"],

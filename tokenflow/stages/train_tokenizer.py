@@ -69,5 +69,6 @@ def _run_tokenizer_stage(cfg: TokenFlowConfig, section: str, logged: set[str], c
         fit(train_tokenizer_worker, job, t, out_url, TRAIN_RUN_NAME)
         size, sha = file_digest(job.export_url)
         run.tag("tokenflow.tokenizer_sha256", sha)
+        run.register_model(job.export_url, "", sha)
         return run.finish({"kind": "tokenizer", "tokenizer": {"path": EXPORT_NAME, "bytes": size, "sha256": sha},
                            "quarantine": "quarantine.json", "steps": t.steps})

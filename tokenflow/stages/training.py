@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
+from tokenflow import storage
 from tokenflow.config import TrainingConfig
 from tokenflow.train.jobs import WorkerJob
 
 log = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"  # Ray Train's run directories, under the stage output
 
 
 def resolve_use_gpu(setting: bool | str) -> bool:
@@ -27,18 +30,20 @@ def _run_worker(config: dict[str, Any]) -> None:
 
 def fit(worker: Callable[[Any], None], job: WorkerJob, t: TrainingConfig, out_url: str, run_name: str) -> None:
     """Run ``worker(job)`` on ``t.num_workers`` Ray Train workers. Checkpoints live under
-    ``<out_url>/<run_name>``; calling this again with the same arguments resumes from the latest."""
+    ``<out_url>/checkpoints/<run_name>`` (any fsspec URL); calling this again with the same
+    arguments resumes from the latest."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = job.use_gpu
+    checkpoint_fs, checkpoint_path = storage.pyarrow_filesystem(storage.join(out_url, CHECKPOINTS_DIR))
     trainer = TorchTrainer(
         _run_worker,
         train_loop_config={"worker": worker, "job": job},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=run_name, storage_path=out_url,
+        run_config=RunConfig(name=run_name, storage_path=checkpoint_path, storage_filesystem=checkpoint_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     log.info("%s: %d %s workers, %d steps (ZeRO config %s)", run_name, t.num_workers,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
@@ -14,7 +15,9 @@ from typing import Any
 
 import yaml
 
+from tokenflow import storage
 from tokenflow.config import TokenFlowConfig
+from tokenflow.redaction import redact
 from tokenflow.stages.stage_run import RunLink, StageIdentity
 from tokenflow.stages.tracking import log_text_artifact, resolve_tracking_uri, start_stage_run
 from tokenflow.workflow.durable import StageOutput
@@ -58,6 +61,20 @@ def _resolved(spec: StageSpec, cfg: TokenFlowConfig, data: dict[str, Any], stora
     return PlannedStage(spec, identity, output, output.complete(), selected)
 
 
+def _check_tracking(cfg: TokenFlowConfig, storage_root: str) -> None:
+    """Refuse what would fail only after training: a tracking server registers no exports on
+    a local disk it cannot see, and a local store cannot serve remote storage."""
+    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    local = storage.is_local(storage_root)
+    if uri.startswith(("http://", "https://")) and local and cfg.tracking.registered_models:
+        raise PlanError(f"storage {redact(storage_root)} is local but tracking goes to the server {redact(uri)}, "
+                        "which cannot register exports on this disk: put --storage on object storage, or set "
+                        "tracking.registered_models={} to register nothing")
+    if not uri and not local:
+        raise PlanError(f"storage {redact(storage_root)} is not local: set tracking.tracking_uri (or "
+                        "MLFLOW_TRACKING_URI) to an MLflow server")
+
+
 def plan(cfg: TokenFlowConfig, storage_root: str, only: str | None = None, start: str | None = None,
          env: Environment | None = None) -> list[PlannedStage]:
     """Every stage in DAG order with its state: ``cached`` (complete), ``run`` (identity known),
@@ -67,6 +84,7 @@ def plan(cfg: TokenFlowConfig, storage_root: str, only: str | None = None, start
     if not {only, start} - {None} <= set(names):
         raise PlanError(f"this config has no stage {only or start!r}; its stages: {', '.join(names)}")
     selected = {only} if only else downstream(specs, {start}) if start else set(names)
+    _check_tracking(cfg, storage_root)
     env = env or Environment.detect(all_libraries(specs))
     data = cfg.model_dump(mode="json")
     complete: dict[str, StageOutput] = {}
@@ -118,7 +136,7 @@ class Lineage:
             cfg, PIPELINE_STAGE, cfg.model_dump(mode="json"), storage_root, {}, None, reuse_unfinished=False,
             run_name=f"{self.name} pipeline" + (" (cached)" if cached else ""))
         self.client = mlflow.MlflowClient(tracking_uri)
-        self.client.set_tag(self.run_id, "tokenflow.config_file", config_path)
+        self.client.set_tag(self.run_id, "tokenflow.config_file", redact(config_path))
         self.client.set_tag(self.run_id, "tokenflow.cached", str(cached).lower())
         for name, run_id in reused.items():
             if run_id:
@@ -128,7 +146,7 @@ class Lineage:
         if cached:
             note = (f"Nothing ran: every stage of the {self.name} pipeline was already complete under "
                     f"{storage_root}. The runs that made them are tagged tokenflow.reused.<stage>.run_id.")
-        self.client.set_tag(self.run_id, "mlflow.note.content", note)
+        self.client.set_tag(self.run_id, "mlflow.note.content", redact(note))
         for p in stages:
             self.stage_state(p)
         self._log_json({"stages": [{"name": p.name, "status": p.status, "inputs": list(p.spec.inputs),
@@ -239,8 +257,6 @@ def execute(cfg: TokenFlowConfig, storage_root: str, stages: list[PlannedStage],
 def run_pipeline(cfg: TokenFlowConfig, storage_root: str, config_path: str, only: str | None = None,
                  start: str | None = None, overrides: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Plan, open the parent run, execute, log the summary; returns the manifests."""
-    import os
-
     env = Environment.detect(all_libraries(stages(cfg)))
     planned = plan(cfg, storage_root, only, start, env)
     log.info("plan:\n%s", describe(planned))
