@@ -278,24 +278,64 @@ def test_rayjob_runtime_env_and_cleanup():
 
 
 def test_mlflow_server_deployment():
+    """basic auth, Postgres backend store, S3 artifact destination proxied; every secret from a
+    Secret (env or a mounted file), none on the command line."""
     deployment = _one("Deployment", "tokenflow-mlflow")
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
     args = container["command"] + container["args"]
     assert args[:2] == ["mlflow", "server"]
+    assert _option(args, "--app-name") == "basic-auth"
     assert _option(args, "--host") == "0.0.0.0"
     assert "--serve-artifacts" in args
-    backend = _option(args, "--backend-store-uri")
-    assert backend.startswith("postgresql://"), backend
-    artifacts = _option(args, "--artifacts-destination")
-    assert urlsplit(artifacts).scheme in OBJECT_STORE_SCHEMES, artifacts
+    assert not re.search(r"password|secret|postgresql://|\$\(", " ".join(args), re.IGNORECASE), args
     env = {e["name"]: e for e in container["env"]}
-    for var in re.findall(r"\$\((\w+)\)", " ".join(args)):
-        assert var in env, f"$({var}) used in args but not defined in env"
-    # The database host is the Postgres Service, on its port.
+    backend = env["MLFLOW_BACKEND_STORE_URI"]["value"]
+    assert backend.startswith("postgresql://") and ":$(" not in backend.split("@")[0], "no password in the URI"
+    for var in re.findall(r"\$\((\w+)\)", backend):
+        assert list(env).index(var) < list(env).index("MLFLOW_BACKEND_STORE_URI"), f"$({var}) defined first"
     postgres = _one("Service", env["MLFLOW_DB_HOST"]["value"])
     assert f":{postgres['spec']['ports'][0]['port']}/" in backend
+    assert urlsplit(env["MLFLOW_ARTIFACTS_DESTINATION"]["value"]).scheme in OBJECT_STORE_SCHEMES
+    for var in ("PGPASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert "secretKeyRef" in env[var]["valueFrom"], var
+    auth_file = env["MLFLOW_AUTH_CONFIG_PATH"]["value"]
+    (mount,) = [m for m in container["volumeMounts"] if auth_file.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    auth = _secret_templates()[volume["secret"]["secretName"]]["stringData"]["basic_auth.ini"]
+    assert "default_permission = NO_PERMISSIONS" in auth and "postgresql://" in auth and ":" not in \
+        auth.split("postgresql://")[1].split("@")[0], "the auth store's URI has no password either"
     assert container["image"].endswith(":" + _pins()["mlflow"])
     assert any("secretRef" in ref for ref in container["envFrom"]), "artifact-store credentials"
+
+
+def test_network_policies_let_only_the_ray_pods_reach_mlflow_and_only_mlflow_reach_postgres():
+    policies = {d["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]: d
+                for _, d in _of_kind("NetworkPolicy")}
+    ray_labels = RAY_CLUSTER_SPECS[0][1]["headGroupSpec"]["template"]["metadata"]["labels"]
+    for target, source_labels in (("tokenflow-mlflow", ray_labels),
+                                  ("tokenflow-mlflow-postgres",
+                                   _one("Deployment", "tokenflow-mlflow")["spec"]["template"]["metadata"]["labels"])):
+        policy = policies[target]
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        (rule,) = policy["spec"]["ingress"]
+        (peer,) = rule["from"]
+        assert set(peer) == {"podSelector"}, "pods of this namespace only, no ipBlock"
+        assert peer["podSelector"]["matchLabels"].items() <= source_labels.items(), target
+        service = _one("Service", target)
+        assert [p["port"] for p in rule["ports"]] == [service["spec"]["ports"][0]["port"]]
+    for where, spec in RAY_CLUSTER_SPECS:  # every Ray pod carries the label the policy admits
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            labels = group["template"]["metadata"]["labels"]
+            assert labels["app.kubernetes.io/name"] == "tokenflow", where
+
+
+def test_ray_pods_log_to_mlflow_as_a_user_from_a_secret():
+    for where, spec in RAY_CLUSTER_SPECS:
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+            for var in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                assert env[var]["valueFrom"]["secretKeyRef"]["name"] == "tokenflow-mlflow-client", (where, var)
 
 
 def test_mlflow_tracking_uri_reaches_the_server():
@@ -344,7 +384,8 @@ def test_ray_image_pins_match_pyproject():
     pins = _pins()
     assert args["TORCH_VERSION"] == pins["torch"]
     assert args["TORCHVISION_VERSION"] == pins["torchvision"]
-    assert args["S3FS_VERSION"] == pins["fsspec"], "s3fs is released in lockstep with fsspec"
+    assert pins["s3fs"] == pins["fsspec"], "s3fs is released in lockstep with fsspec"
+    assert "project']['dependencies']" in text, "the image installs pyproject's pinned dependencies"
     base = re.fullmatch(r"rayproject/ray:([\d.]+)-py(\d)(\d+)-(cu\d+)", args["BASE_IMAGE"])
     assert base, args["BASE_IMAGE"]
     assert base.group(1) == pins["ray"]
@@ -366,7 +407,8 @@ def test_mlflow_image_pins_match_pyproject():
     args = _dockerfile_args(dockerfile)
     assert args["MLFLOW_VERSION"] == _pins()["mlflow"]
     text = dockerfile.read_text()
-    assert "psycopg2" in text and "boto3" in text
+    assert "psycopg2" in text and "mlflow[auth]" in text
+    assert args["BOTO3_VERSION"] == _pins()["boto3"]
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.MULTILINE)
     assert users and users[-1] not in {"root", "0"}
 
@@ -402,6 +444,40 @@ def test_cluster_launcher_config_is_valid_for_ray_up():
     assert {"TOKENFLOW_STORAGE", "MLFLOW_TRACKING_URI", "RAY_AUTH_TOKEN"} <= set(keys)
     assert urlsplit(keys["TOKENFLOW_STORAGE"]).scheme in OBJECT_STORE_SCHEMES
     assert keys["RAY_AUTH_TOKEN"] == PLACEHOLDER
+
+
+def test_cluster_launcher_iam_is_least_privilege_and_ssh_is_not_open_to_the_world():
+    config = yaml.safe_load((INFRA / "cluster-launcher" / "tokenflow-gpu.yaml").read_text())
+    aws = INFRA / "cluster-launcher" / "aws"
+    storage = urlsplit(dict(re.findall(r"^([A-Z_]+)=(.*)$", (INFRA / "cluster-launcher" / "cluster.env.example")
+                                       .read_text(), flags=re.MULTILINE))["TOKENFLOW_STORAGE"])
+    for name, node in config["available_node_types"].items():
+        profile = node["node_config"]["IamInstanceProfile"]["Arn"].rsplit("/", 1)[1]
+        role = "head" if name == config["head_node_type"] else "worker"
+        assert profile == f"tokenflow-ray-{role}", name  # without one, Ray creates a role with *FullAccess
+        assert node["node_config"]["SecurityGroupIds"], f"{name}: Ray's default group opens SSH to 0.0.0.0/0"
+        policy = json.loads((aws / f"{role}-policy.json").read_text())
+        for statement in policy["Statement"]:
+            actions = [statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"]
+            resources = [statement["Resource"]] if isinstance(statement["Resource"], str) else statement["Resource"]
+            assert statement["Effect"] == "Allow" and not any(a.endswith(":*") or a == "*" for a in actions)
+            for action in actions:
+                if action.startswith("s3:"):
+                    assert all(r.startswith(f"arn:aws:s3:::{storage.netloc}") for r in resources), statement
+                    if action != "s3:ListBucket":
+                        assert all(r.endswith(storage.path + "/*") for r in resources), statement
+            if "s3:ListBucket" in actions:
+                assert statement["Condition"]["StringLike"]["s3:prefix"]
+        if role == "worker":
+            assert not any(a.startswith(("ec2:", "iam:")) for s in policy["Statement"]
+                           for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"]))
+    assert "FullAccess" not in "".join(p.read_text() for p in (INFRA / "cluster-launcher").rglob("*") if p.is_file())
+    rules = json.loads((aws / "security-group.json").read_text())["IpPermissions"]
+    open_ranges = [r for rule in rules for r in rule.get("IpRanges", []) + rule.get("Ipv6Ranges", [])
+                   if r.get("CidrIp") == "0.0.0.0/0" or r.get("CidrIpv6") == "::/0"]
+    assert not open_ranges
+    (ssh,) = [rule for rule in rules if rule.get("FromPort") == 22]
+    assert all(PLACEHOLDER in r["CidrIp"] for r in ssh["IpRanges"])
 
 
 def test_deploy_guide_names_the_objects_the_manifests_create():
