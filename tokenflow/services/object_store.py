@@ -46,8 +46,9 @@ class ObjectStore:
     def start(self, env: dict[str, str], timeout_s: float = 60.0) -> "ObjectStore":
         """Start the server (with the inherited ``env`` plus the key) and wait until S3 answers."""
         (self.data_dir / "weed").mkdir(parents=True, exist_ok=True)
-        ports = {name: free_port((0, GRPC_OFFSET)) for name in ("master", "volume", "filer")}
-        self.port = free_port((0, GRPC_OFFSET))
+        taken: set[int] = set()
+        ports = {name: free_port((0, GRPC_OFFSET), taken) for name in ("master", "volume", "filer")}
+        self.port = free_port((0, GRPC_OFFSET), taken)
         argv = [str(weed_binary()), "mini", f"-dir={self.data_dir / 'weed'}", "-ip=127.0.0.1",
                 "-ip.bind=127.0.0.1", *(f"-{name}.port={port}" for name, port in ports.items()),
                 f"-s3.port={self.port}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",

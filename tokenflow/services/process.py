@@ -19,14 +19,17 @@ class ServiceError(RuntimeError):
     """A service did not start, or stopped unexpectedly."""
 
 
-def free_port(offsets: Sequence[int] = (0,)) -> int:
+def free_port(offsets: Sequence[int] = (0,), taken: set[int] | None = None) -> int:
     """A loopback port ``p`` such that every ``p + offset`` is free (SeaweedFS binds each HTTP
-    port + 10000 for gRPC)."""
+    port + 10000 for gRPC) and none is in ``taken``, to which they are added."""
+    taken = taken if taken is not None else set()
     for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port + max(offsets) < 65536 and all(_is_free(port + o) for o in offsets):
+        wanted = {port + o for o in offsets}
+        if max(wanted) < 65536 and not wanted & taken and all(_is_free(p) for p in wanted):
+            taken |= wanted
             return port
     raise ServiceError(f"no free loopback port with offsets {list(offsets)}")
 
