@@ -65,13 +65,23 @@ def s3_store(tmp_path_factory):
     store = ObjectStore(tmp_path_factory.mktemp("s3")).start(dict(os.environ))
     saved = {k: os.environ.get(k) for k in store.client_env}
     os.environ.update(store.client_env)
+    forget_s3_clients()
     yield store
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+    forget_s3_clients()
     store.stop()
+
+
+def forget_s3_clients() -> None:
+    """Drop fsspec's cached S3 filesystems: they keep the endpoint and key of the environment
+    they were made in, and tests here change it (one process of a deployment never does)."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture

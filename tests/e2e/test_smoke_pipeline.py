@@ -18,7 +18,7 @@ import pytest
 
 from tokenflow import storage
 
-from tests.conftest import REPO
+from tests.conftest import REPO, forget_s3_clients
 
 DASHBOARD = "http://127.0.0.1:8265"
 STAGES = ("corpus", "train_tokenizer", "eval_reconstruction", "pretokenize", "train_generator",
@@ -48,6 +48,7 @@ def stack(tmp_path_factory):
 
     with LocalStack(tmp_path_factory.mktemp("services")).running() as running:
         yield running
+    forget_s3_clients()
 
 
 @pytest.fixture(scope="module")
