@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def assert_resources_released(ray, within_s: float = 10.0) -> None:
+    """A stage's actors are gone soon after it returns: the next stage can have every CPU."""
+    deadline = time.monotonic() + within_s
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, f"a finished stage still holds CPUs: {ray.available_resources()}"
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
@@ -50,4 +59,5 @@ def token_shards(ray_local, tmp_path_factory, tiny_tokenizer_path):
     out = str(root / "tokens")
     tokens = pretokenize_corpus(manifest, str(tiny_tokenizer_path), out,
                              PretokenizeConfig(batch_size=32, micro_batch=16, num_actors=1))
+    assert_resources_released(ray_local)  # the training tests after it need every CPU
     return tokens, out

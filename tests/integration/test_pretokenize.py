@@ -25,6 +25,7 @@ from tokenflow.data.verify import verify_token_shards
 from tokenflow.stages.pretokenize import pretokenize_corpus
 
 from tests.conftest import MODEL_CONFIGS, REPO
+from tests.integration.conftest import assert_resources_released
 from tests.fixtures.odd_images import odd_image_samples
 
 _EXT = {"jpeg": "jpg", "png": "png", "webp": "webp", "gif": "gif", "tiff": "tif"}
@@ -74,6 +75,7 @@ def test_odd_formats_tokenized_broken_quarantined_counts_reconcile(ray_local, mi
     cfg = PretokenizeConfig(batch_size=8, micro_batch=4, num_actors=2, cpus_per_actor=1,
                             max_image_pixels=4_000_000)
     manifest = pretokenize_corpus(mixed_corpus, str(tiny_tokenizer_path), out, cfg)
+    assert_resources_released(ray_local)
     assert verify_token_shards(out) == []
 
     odd = next(e for e in manifest["splits"]["train"]["shards"] if e["source"] == "odd-000000.tar")

@@ -3,11 +3,13 @@ answers, and stopped with SIGTERM, then SIGKILL, so that none is ever left behin
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -43,6 +45,16 @@ def _is_free(port: int) -> bool:
     return True
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM it when the thread that started it ends (start
+    services from the main thread), so a killed test run or rehearsal leaves none behind."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 class ServiceProcess:
     """One long-running child in its own process group, logging to ``log_path``."""
 
@@ -55,7 +67,7 @@ class ServiceProcess:
             argv = ["runuser", "-u", user, "--", *argv]
         with open(log_path, "ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=_die_with_parent)
         log.info("%s started (pid %d, log %s)", name, self.proc.pid, log_path)
 
     def wait_until(self, ready: Callable[[], bool], timeout_s: float) -> None:

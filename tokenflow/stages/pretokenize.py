@@ -10,6 +10,7 @@ work without tracking.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import asdict
@@ -117,6 +118,11 @@ def encode_corpus(corpus_manifest: dict[str, Any], tokenizer_url: str, tokenizer
         num_gpus=gpus,
     )
     results = ds.take_all()
+    # Ray Data releases the actor pool when its executor is collected; a reference cycle can keep
+    # it (and its CPUs or GPUs) until the next garbage collection, and a training stage that
+    # needs those resources next would wait for them forever (seen in CI).
+    del ds
+    gc.collect()
     elapsed = time.perf_counter() - start
     done = [r for r in results if not r["skipped"]]
     rows = sum(r["rows"] for r in done)
