@@ -28,11 +28,11 @@ from typing import Any
 from tokenflow import storage
 from tokenflow.config import TokenFlowConfig, canonical_json
 from tokenflow.data.manifest import MANIFEST_NAME, content_digest
+from tokenflow.monitoring import system_metrics
 from tokenflow.redaction import redact
 from tokenflow.stages.registry import register_export
-from tokenflow.stages.training import CHECKPOINTS_DIR
-from tokenflow.monitoring import system_metrics
 from tokenflow.stages.tracking import log_text_artifact, start_stage_run
+from tokenflow.stages.training import CHECKPOINTS_DIR
 
 log = logging.getLogger(__name__)
 
