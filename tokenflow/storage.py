@@ -82,11 +82,16 @@ def local_path(url: str, cache_root: str | Path = CACHE_ROOT) -> Path:
     return target
 
 
+def object_version(info: dict[str, Any]) -> str:
+    """An object's version marker from its fsspec metadata: its ETag, else its modification time
+    (names differ between filesystems)."""
+    return str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")
+
+
 def _versions(fs: fsspec.AbstractFileSystem, path: str) -> list[list[Any]]:
-    """Name, size and version marker (ETag, else modification time) of every object at ``path``."""
+    """Name, size and version marker of every object at ``path``."""
     infos = fs.find(path, detail=True).values() if fs.isdir(path) else [fs.info(path)]
-    return sorted([i["name"], i.get("size"), i.get("ETag") or i.get("mtime") or i.get("LastModified")]
-                  for i in infos)
+    return sorted([i["name"], i.get("size"), object_version(i)] for i in infos)
 
 
 def file_sizes(url: str, exclude: tuple[str, ...] = ()) -> dict[str, int]:

@@ -77,8 +77,7 @@ def shard_listing(url: str) -> dict[str, str]:
     out = {}
     for shard in list_shards(url):
         info = fs.info(storage.filesystem(shard)[1])
-        version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
-        out[shard] = f"{info.get('size')}:{version}"
+        out[shard] = f"{info.get('size')}:{storage.object_version(info)}"
     return out
 
 

@@ -60,9 +60,11 @@ class StageOutput:
 
     def complete(self) -> bool:
         """The manifest is present and every file it lists is there at its size."""
-        if not storage.exists(self.manifest_url):
+        try:
+            manifest = self.manifest()
+        except FileNotFoundError:
             return False
-        if problems := missing_files(self.url, self.manifest().get("files", {})):
+        if problems := missing_files(self.url, manifest.get("files", {})):
             log.warning("%s: manifest present but %s; the stage runs again", self.url, "; ".join(problems[:5]))
             return False
         return True
