@@ -18,15 +18,31 @@ _REPO = Path(__file__).resolve().parents[2]
 _MAX_PARAM_VALUE = 6000
 
 
+def is_server(uri: str) -> bool:
+    """True for a tracking server's URI (as opposed to a database or file store)."""
+    return uri.startswith(("http://", "https://"))
+
+
+def check_tracking(cfg: TrackingConfig, storage_url: str) -> str:
+    """The configured URI (else ``MLFLOW_TRACKING_URI``, else ""), after refusing what would fail
+    only after training: a tracking server registers no exports on a local disk it cannot see,
+    and remote storage needs a server."""
+    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    local = storage.is_local(storage_url)
+    if is_server(uri) and local and cfg.registered_models:
+        raise ValueError(f"storage {redact(storage_url)} is local but tracking goes to the server {redact(uri)}, "
+                         "which cannot register exports on this disk: put --storage on object storage, or set "
+                         "tracking.registered_models={} to register nothing")
+    if not uri and not local:
+        raise ValueError(f"storage {redact(storage_url)} is not local: set tracking.tracking_uri (or "
+                         "MLFLOW_TRACKING_URI) to an MLflow server")
+    return uri
+
+
 def resolve_tracking_uri(cfg: TrackingConfig, storage_url: str) -> str:
     """The configured URI, else ``MLFLOW_TRACKING_URI``, else a sqlite store under local storage."""
-    if cfg.tracking_uri:
-        return cfg.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    if not storage.is_local(storage_url):
-        raise ValueError(f"storage {storage_url} is not local: set tracking.tracking_uri (or "
-                         "MLFLOW_TRACKING_URI) to an MLflow server")
+    if uri := check_tracking(cfg, storage_url):
+        return uri
     path = Path(storage.filesystem(storage_url)[1]).resolve()
     path.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{path / 'mlflow.db'}"
@@ -60,7 +76,7 @@ def ensure_experiment(name: str, storage_url: str) -> str:
 
     found = mlflow.get_experiment_by_name(name)
     if found is None:
-        server = mlflow.get_tracking_uri().startswith(("http://", "https://"))
+        server = is_server(mlflow.get_tracking_uri())
         return mlflow.create_experiment(name, artifact_location=None if server else _artifact_location(storage_url),
                                         tags=EXPERIMENT_KIND)
     for key, value in EXPERIMENT_KIND.items():

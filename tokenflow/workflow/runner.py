@@ -15,11 +15,10 @@ from typing import Any
 
 import yaml
 
-from tokenflow import storage
 from tokenflow.config import TokenFlowConfig
 from tokenflow.redaction import redact
 from tokenflow.stages.stage_run import RunLink, StageIdentity
-from tokenflow.stages.tracking import log_text_artifact, resolve_tracking_uri, start_stage_run
+from tokenflow.stages.tracking import check_tracking, log_text_artifact, resolve_tracking_uri, start_stage_run
 from tokenflow.workflow.durable import StageOutput
 from tokenflow.workflow.identity import Environment, resolve
 from tokenflow.workflow.pipeline import StageSpec, downstream, resources, stages
@@ -61,20 +60,6 @@ def _resolved(spec: StageSpec, cfg: TokenFlowConfig, data: dict[str, Any], stora
     return PlannedStage(spec, identity, output, output.complete(), selected)
 
 
-def _check_tracking(cfg: TokenFlowConfig, storage_root: str) -> None:
-    """Refuse what would fail only after training: a tracking server registers no exports on
-    a local disk it cannot see, and a local store cannot serve remote storage."""
-    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    local = storage.is_local(storage_root)
-    if uri.startswith(("http://", "https://")) and local and cfg.tracking.registered_models:
-        raise PlanError(f"storage {redact(storage_root)} is local but tracking goes to the server {redact(uri)}, "
-                        "which cannot register exports on this disk: put --storage on object storage, or set "
-                        "tracking.registered_models={} to register nothing")
-    if not uri and not local:
-        raise PlanError(f"storage {redact(storage_root)} is not local: set tracking.tracking_uri (or "
-                        "MLFLOW_TRACKING_URI) to an MLflow server")
-
-
 def plan(cfg: TokenFlowConfig, storage_root: str, only: str | None = None, start: str | None = None,
          env: Environment | None = None) -> list[PlannedStage]:
     """Every stage in DAG order with its state: ``cached`` (complete), ``run`` (identity known),
@@ -84,7 +69,10 @@ def plan(cfg: TokenFlowConfig, storage_root: str, only: str | None = None, start
     if not {only, start} - {None} <= set(names):
         raise PlanError(f"this config has no stage {only or start!r}; its stages: {', '.join(names)}")
     selected = {only} if only else downstream(specs, {start}) if start else set(names)
-    _check_tracking(cfg, storage_root)
+    try:
+        check_tracking(cfg.tracking, storage_root)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from exc
     env = env or Environment.detect(all_libraries(specs))
     data = cfg.model_dump(mode="json")
     complete: dict[str, StageOutput] = {}
