@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import secrets
 import sys
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 from tokenflow.services.object_store import ObjectStore
-from tokenflow.services.postgres import Postgres, _write_secret
-from tokenflow.services.process import ServiceProcess, free_port
+from tokenflow.services.postgres import Postgres
+from tokenflow.services.process import ServiceProcess, free_port, write_secret
 
 ADMIN_USER = "admin"
 TRACKING_DB, AUTH_DB = "mlflow", "mlflow_auth"
@@ -45,7 +44,7 @@ class MlflowServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         auth_config = self.data_dir / "basic_auth.ini"
-        _write_secret(auth_config, "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+        write_secret(auth_config, "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
                       f"database_uri = {self.postgres.uri(AUTH_DB)}\nadmin_username = {ADMIN_USER}\n"
                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
                       # each request would otherwise re-run the password hash: most of the

@@ -11,7 +11,7 @@ import signal
 import tempfile
 from pathlib import Path
 
-from tokenflow.services.process import ServiceError, ServiceProcess, free_port
+from tokenflow.services.process import ServiceError, ServiceProcess, free_port, write_secret
 
 BIN_DIRS = [Path(f"/usr/lib/postgresql/{v}/bin") for v in (17, 16, 15)]
 SERVICE_USER = "postgres"  # initdb refuses root; as root the server runs as this account
@@ -56,7 +56,7 @@ class Postgres:
         cluster = self.cluster_root / "cluster"
         self.port = free_port()
         superpass = self.cluster_root / "superuser.pw"
-        _write_secret(superpass, secrets.token_urlsafe(24))
+        write_secret(superpass, secrets.token_urlsafe(24))
         if as_user:
             shutil.chown(self.cluster_root, as_user)
             shutil.chown(superpass, as_user)
@@ -80,7 +80,7 @@ class Postgres:
                     cur.execute(f"CREATE DATABASE {database} OWNER {self.user}")
         finally:
             conn.close()
-        _write_secret(self.passfile, f"127.0.0.1:{self.port}:*:{self.user}:{self.password}\n")
+        write_secret(self.passfile, f"127.0.0.1:{self.port}:*:{self.user}:{self.password}\n")
         return self
 
     def _connect(self, user: str, password: str):
@@ -95,9 +95,3 @@ class Postgres:
         if self.cluster_root is not None:
             shutil.rmtree(self.cluster_root, ignore_errors=True)
 
-
-def _write_secret(path: Path, text: str) -> None:
-    """Write ``text`` readable by its owner only."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)

@@ -108,3 +108,10 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 continue
         raise ServiceError(f"{self.name} (pid {self.proc.pid}) survived SIGKILL")
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write ``text`` readable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)

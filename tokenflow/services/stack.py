@@ -11,7 +11,8 @@ from typing import Iterator
 
 from tokenflow.services.mlflow_server import AUTH_DB, TRACKING_DB, MlflowServer
 from tokenflow.services.object_store import ObjectStore
-from tokenflow.services.postgres import Postgres, _write_secret
+from tokenflow.services.postgres import Postgres
+from tokenflow.services.process import write_secret
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class LocalStack:
 
     def write_env_file(self, path: Path) -> None:
         """``export`` lines for :attr:`client_env`, readable by the owner only."""
-        _write_secret(path, "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(self.client_env.items())))
+        write_secret(path, "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(self.client_env.items())))
 
     @contextlib.contextmanager
     def running(self) -> Iterator["LocalStack"]:
