@@ -281,6 +281,16 @@ class PretokenizeConfig(StrictModel):
     max_image_pixels: int = Field(64_000_000, gt=0, description="Larger images are quarantined.")
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
     allow_tf32: bool = False
+    max_actor_restarts: int = Field(3, ge=0, description="Restarts of a tokenizer actor whose process "
+                                    "or node died; then the attempt fails.")
+    max_task_retries: int = Field(3, ge=0, description="Retries of a shard whose actor died while "
+                                  "encoding it; then the attempt fails.")
+    max_attempts: int = Field(3, ge=1, description="Runs of the whole stage when an attempt ends with a "
+                              "lost actor, worker or node (each re-runs only the shards not yet written); "
+                              "then the stage fails naming the last loss. Errors in the data or code are "
+                              "not retried.")
+    retry_wait_s: float = Field(15.0, ge=0, description="Wait before the next attempt, so the cluster can "
+                                "mark a lost node dead (Ray's node health checks take about 15 s).")
 
 
 def deepspeed_config_path(name: str) -> Path:
@@ -331,12 +341,26 @@ class TrainingConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
-    num_workers: int = Field(1, gt=0)
+    num_workers: int | tuple[int, int] = Field(1, description=(
+        "Training workers: a number, or [min, max] for an elastic group that Ray Train starts with "
+        "as many as the cluster fits and resizes on restarts (a checkpoint saved by another number "
+        "of workers is re-sharded through DeepSpeed universal checkpoints; the global batch is "
+        "micro_batch_size x grad_accum x the workers of the moment)."))
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0)
     deepspeed: str = Field("zero2", description="Name under configs/deepspeed/ or a file path.")
     checkpoint_every: int = Field(200, gt=0)
+    keep_checkpoints: int = Field(2, ge=2, description="Newest checkpoints kept (at least 2, so a "
+                                  "corrupt latest one has a predecessor to fall back to).")
     log_every: int = Field(10, gt=0)
+    max_failures: int = Field(3, ge=0, description="Worker-group restarts (from the latest "
+                              "checkpoint) after a worker or node is lost; then the stage fails.")
+    corrupt_checkpoint: Literal["fallback", "fail"] = Field(
+        "fallback", description="A latest checkpoint that does not verify: 'fallback' resumes from "
+        "the newest one that does (with a warning naming the bad one), 'fail' stops the stage.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement of the workers: PACK fills nodes in turn, SPREAD puts "
+        "them on as many nodes as possible.")
 
     @model_validator(mode="after")
     def _warmup_within_steps(self) -> "TrainingConfig":
@@ -344,6 +368,19 @@ class TrainingConfig(StrictModel):
             raise ValueError(f"lr_schedule.warmup_steps ({self.lr_schedule.warmup_steps}) must be below "
                              f"steps ({self.steps})")
         return self
+
+    @model_validator(mode="after")
+    def _workers_positive(self) -> "TrainingConfig":
+        low, high = self.worker_range
+        if not 0 < low <= high:
+            raise ValueError(f"num_workers must be a positive number or [min, max] with 0 < min <= max, "
+                             f"got {self.num_workers}")
+        return self
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; equal for a fixed group."""
+        return self.num_workers if isinstance(self.num_workers, tuple) else (self.num_workers, self.num_workers)
 
     @model_validator(mode="after")
     def _deepspeed_readable(self) -> "TrainingConfig":
@@ -587,6 +624,26 @@ class TrackingConfig(StrictModel):
 # --------------------------------------------------------------------------- root
 
 
+class WorkflowConfig(StrictModel):
+    """How pipeline runs that share storage coordinate (tokenflow.workflow.lease): each stage's
+    output has a lease, held and renewed by the run making it."""
+
+    when_busy: Literal["wait", "fail"] = Field(
+        "wait", description="A stage another run is making: 'wait' for it (then reuse its output, or "
+        "take over when that run failed or died), 'fail' at once naming the holder.")
+    lease_ttl_s: float = Field(300.0, gt=0, description="A lease not renewed for this long is taken "
+                               "over (its holder is presumed dead).")
+    lease_renew_s: float = Field(30.0, gt=0, description="How often the holder renews.")
+    busy_poll_s: float = Field(10.0, gt=0, description="How often a waiting run looks again.")
+
+    @model_validator(mode="after")
+    def _renew_well_within_ttl(self) -> "WorkflowConfig":
+        if self.lease_renew_s * 3 > self.lease_ttl_s:
+            raise ValueError(f"lease_renew_s ({self.lease_renew_s}) must be at most a third of lease_ttl_s "
+                             f"({self.lease_ttl_s}), so one late renewal does not lose the lease")
+        return self
+
+
 class TokenFlowConfig(StrictModel):
     """Root of every config file. Sections are added as stages need them."""
 
@@ -599,6 +656,7 @@ class TokenFlowConfig(StrictModel):
     train_understanding: TrainUnderstandingConfig | None = None
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+    workflow: WorkflowConfig = WorkflowConfig()
 
     @property
     def generation_view(self) -> TokenizerView | None:

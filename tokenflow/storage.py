@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -159,3 +160,105 @@ def write_json_atomic(url: str, value: Any) -> None:
 
 def read_json(url: str) -> Any:
     return json.loads(read_bytes(url))
+
+
+# Conditional writes: the primitives a lease needs. Local filesystems use O_EXCL and flock;
+# S3 (and S3-compatible stores) If-None-Match / If-Match on PUT. The version of an object is
+# its ETag there and the sha256 of its bytes here.
+
+_READ_ATTEMPTS = 20
+
+
+def _is_precondition_failure(exc: OSError) -> bool:
+    return isinstance(exc, FileExistsError) or "precondition" in str(exc).lower().replace("-", "")
+
+
+def _conditional_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str, bool]:
+    """(filesystem, path, is local) for a URL that supports conditional writes, else an error."""
+    fs, path = filesystem(url)
+    local = isinstance(fs, LocalFileSystem)
+    if not local and "s3" not in fs.protocol:
+        raise NotImplementedError(f"{url}: conditional writes need a local filesystem or an S3-compatible "
+                                  "object store (If-None-Match / If-Match)")
+    return fs, path, local
+
+
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Create the object ``url`` holding ``data`` unless it exists; True when this call created it."""
+    fs, path, local = _conditional_fs(url)
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    if local:  # a complete temp file hard-linked into place: readers never see a partial one
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except OSError as exc:
+        if _is_precondition_failure(exc):
+            return False
+        raise
+    return True
+
+
+def read_versioned(url: str) -> tuple[bytes, str] | None:
+    """The object's bytes and version token (for :func:`replace_if`), or None when it is absent."""
+    import fcntl
+
+    fs, path, local = _conditional_fs(url)
+    try:
+        if local:
+            with open(path, "rb") as f:
+                fcntl.flock(f, fcntl.LOCK_SH)
+                data = f.read()
+            return data, hashlib.sha256(data).hexdigest()
+        for _ in range(_READ_ATTEMPTS):
+            try:
+                with fs.open(path, "rb") as f:  # s3fs reads the ranges If-Match the ETag it opened
+                    return f.read(), f.details["ETag"]
+            except OSError as exc:  # replaced between the HEAD and the GET: read the new one
+                if exc.errno != errno.EBUSY:
+                    raise
+                fs.invalidate_cache(path)
+        raise OSError(errno.EBUSY, f"{url} kept changing while being read ({_READ_ATTEMPTS} attempts)")
+    except FileNotFoundError:
+        return None
+
+
+def replace_if(url: str, data: bytes, version: str) -> bool:
+    """Overwrite the object with ``data`` if it is still at ``version``; True when it was."""
+    import fcntl
+
+    fs, path, local = _conditional_fs(url)
+    if local:
+        try:
+            with open(path, "r+b") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                if hashlib.sha256(f.read()).hexdigest() != version:
+                    return False
+                f.seek(0)
+                f.truncate()
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return True
+        except FileNotFoundError:
+            return False
+    try:
+        fs.pipe_file(path, data, IfMatch=version)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if _is_precondition_failure(exc):
+            return False
+        raise
+    return True

@@ -1,6 +1,6 @@
 """The storage contract every stage relies on, on local disk and on a real S3 server (SeaweedFS):
-whole-object commits, listings, digests, cached downloads, and a stage that counts as complete
-only when its manifest is present and every file it lists is there."""
+whole-object commits, listings, digests, cached downloads, conditional writes, and a stage that
+counts as complete only when its manifest is present and every file it lists is there."""
 
 from __future__ import annotations
 
@@ -9,22 +9,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from tokenflow import storage
 from tokenflow.data.manifest import MANIFEST_NAME, directory_digests, file_digest
 from tokenflow.workflow.durable import StageOutput
-
-
-@pytest.fixture(params=["local", "s3"])
-def root(request, tmp_path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "store")
-    return request.getfixturevalue("s3_url")
 
 
 def test_whole_object_commits_listing_and_digests(root):
@@ -102,3 +95,36 @@ def test_a_writer_killed_mid_object_leaves_nothing_that_looks_written(root):
     assert not storage.exists(target)
     storage.remove_stale_temps(root)
     assert storage.file_sizes(root) == {}
+
+
+def test_conditional_writes_let_exactly_one_writer_win(root):
+    url = storage.join(root, "lease", "x.json")
+    assert storage.read_versioned(url) is None
+    assert storage.create_exclusive(url, b"one")
+    assert not storage.create_exclusive(url, b"two")
+    data, version = storage.read_versioned(url)
+    assert data == b"one"
+    assert storage.replace_if(url, b"three", version)
+    assert not storage.replace_if(url, b"four", version)  # a stale version loses
+    assert storage.read_versioned(url)[0] == b"three"
+    assert not storage.replace_if(storage.join(root, "lease", "absent.json"), b"x", version)
+
+
+def test_compare_and_swap_loses_no_update_under_contention(root):
+    """Four threads each add 1 five times through read + replace_if: the counter ends at 20."""
+    url = storage.join(root, "counter")
+    assert storage.create_exclusive(url, b"0")
+
+    def add_one_five_times() -> None:
+        for _ in range(5):
+            while True:
+                data, version = storage.read_versioned(url)
+                if storage.replace_if(url, str(int(data) + 1).encode(), version):
+                    break
+
+    threads = [threading.Thread(target=add_one_five_times) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert storage.read_versioned(url)[0] == b"20"

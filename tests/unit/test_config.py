@@ -142,3 +142,26 @@ def test_registered_models_name_only_model_stages():
         load_config(MODEL_CONFIGS / "tokenflow-tiny.yaml", ["tracking.registered_models={train_generator: ' '}"])
     cfg = load_config(MODEL_CONFIGS / "tokenflow-tiny.yaml", ["tracking.registered_models={}"])
     assert cfg.tracking.registered_models == {} and cfg.tracking.registry_alias == "candidate"
+
+
+def test_fault_tolerance_settings_are_bounded_and_checked():
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["train_tokenizer.max_failures=-1", "train_tokenizer.keep_checkpoints=1",
+                           "train_tokenizer.corrupt_checkpoint=ignore", "pretokenize.max_actor_restarts=-1",
+                           "pretokenize.max_attempts=0", "workflow.when_busy=steal"])
+    message = str(err.value)
+    for where in ("train_tokenizer.max_failures", "train_tokenizer.keep_checkpoints",
+                  "train_tokenizer.corrupt_checkpoint", "pretokenize.max_actor_restarts", "pretokenize.max_attempts",
+                  "workflow.when_busy"):
+        assert where in message, where
+    with pytest.raises(ConfigError, match=r"lease_renew_s \(120.0\) must be at most a third of lease_ttl_s"):
+        load_config(TINY, ["workflow.lease_renew_s=120"])
+    cfg = load_config(TINY)
+    assert (cfg.train_tokenizer.max_failures, cfg.train_tokenizer.corrupt_checkpoint, cfg.workflow.when_busy) == (
+        3, "fallback", "wait")
+    with pytest.raises(ConfigError, match=r"num_workers must be a positive number or \[min, max\]"):
+        load_config(TINY, ["train_tokenizer.num_workers=[4, 2]"])
+    elastic = load_config(TINY, ["train_tokenizer.num_workers=[2, 8]"]).train_tokenizer
+    assert (elastic.num_workers, elastic.worker_range) == ((2, 8), (2, 8))
+    fixed = load_config(TINY, ["train_tokenizer.num_workers=3"]).train_tokenizer
+    assert fixed.worker_range == (3, 3)

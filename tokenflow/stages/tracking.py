@@ -74,11 +74,18 @@ def ensure_experiment(name: str, storage_url: str) -> str:
     under the storage root."""
     import mlflow
 
+    from mlflow.exceptions import MlflowException
+
     found = mlflow.get_experiment_by_name(name)
     if found is None:
         server = is_server(mlflow.get_tracking_uri())
-        return mlflow.create_experiment(name, artifact_location=None if server else _artifact_location(storage_url),
-                                        tags=EXPERIMENT_KIND)
+        try:
+            return mlflow.create_experiment(name, tags=EXPERIMENT_KIND,
+                                            artifact_location=None if server else _artifact_location(storage_url))
+        except MlflowException as exc:  # another run created it first
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            found = mlflow.get_experiment_by_name(name)
     for key, value in EXPERIMENT_KIND.items():
         if found.tags.get(key) != value:
             mlflow.MlflowClient().set_experiment_tag(found.experiment_id, key, value)

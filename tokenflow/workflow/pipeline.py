@@ -34,8 +34,9 @@ MODEL_LIBRARIES = ("torch", "transformers", "open_clip_torch")
 TRAINING_LIBRARIES = MODEL_LIBRARIES + ("deepspeed",)
 CORPUS_LIBRARIES = ("numpy", "pillow")  # the shapes corpus is drawn with them
 
-# Settings that change what a stage logs or how fast it runs, never its output.
-_TRAINING_LOGGING = ("log_every", "checkpoint_every", "cpus_per_worker", "use_gpu")
+# Settings that change what a stage logs, how fast it runs or how it survives faults, never its output.
+_TRAINING_LOGGING = ("log_every", "checkpoint_every", "cpus_per_worker", "use_gpu", "keep_checkpoints",
+                     "max_failures", "corrupt_checkpoint", "placement_strategy")
 
 
 def _excluded(section: str, *keys: str) -> tuple[str, ...]:
@@ -175,7 +176,9 @@ def stages(cfg: TokenFlowConfig) -> tuple[StageSpec, ...]:
                                _excluded("finetune_decoder", *tokenizer_excluded), "finetune_decoder",
                                TRAINING_LIBRARIES))
     pretokenize_excluded = tuple(f"pretokenize.{k}" for k in ("batch_size", "num_actors", "cpus_per_actor",
-                                                              "gpus_per_actor"))
+                                                              "gpus_per_actor", "max_actor_restarts",
+                                                              "max_task_retries", "max_attempts",
+                                                              "retry_wait_s"))
     specs += [StageSpec("eval_reconstruction", decoding, ("eval.reconstruction", "eval.seed"),
                         _STAGES + "eval_reconstruction", partial(_eval_reconstruction, decoder=decoder), device="eval"),
               StageSpec("pretokenize", ("corpus", "train_tokenizer"), ("pretokenize",), _STAGES + "pretokenize",
@@ -214,7 +217,7 @@ def resources(cfg: TokenFlowConfig, name: str) -> dict[str, float]:
     """The cluster resources a stage holds while it runs (for running stages side by side)."""
     if name in ("train_tokenizer", "finetune_decoder", "train_generator", "train_understanding"):
         t = getattr(cfg, name)
-        return {"CPU": t.num_workers * t.cpus_per_worker}
+        return {"CPU": t.worker_range[0] * t.cpus_per_worker}
     if name in ("pretokenize", "pretokenize_generation"):
         return {"CPU": cfg.pretokenize.num_actors * cfg.pretokenize.cpus_per_actor}
     return {"CPU": 1.0}

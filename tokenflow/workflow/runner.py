@@ -21,6 +21,7 @@ from tokenflow.stages.stage_run import RunLink, StageIdentity
 from tokenflow.stages.tracking import check_tracking, log_text_artifact, resolve_tracking_uri, start_stage_run
 from tokenflow.workflow.durable import StageOutput
 from tokenflow.workflow.identity import Environment, resolve
+from tokenflow.workflow.lease import new_owner, stage_lease
 from tokenflow.workflow.pipeline import StageSpec, downstream, resources, stages
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,16 @@ class Lineage:
         self.client.set_terminated(self.run_id, status)
 
 
+def _run_leased(p: PlannedStage, cfg: TokenFlowConfig, inputs: dict[str, StageOutput], link: RunLink,
+                owner: str) -> tuple[dict[str, Any], bool]:
+    """Run a stage while holding its output's lease; (manifest, False) when another run on the
+    same storage completed it while this one waited."""
+    with stage_lease(p.output, owner, cfg.workflow, p.name) as must_run:
+        if not must_run:
+            return p.output.manifest(), False
+        return p.spec.run(cfg, inputs, p.output.url, link), True
+
+
 def _fits(need: dict[str, float], free: dict[str, float]) -> bool:
     return all(free.get(k, 0.0) >= v for k, v in need.items())
 
@@ -186,7 +197,8 @@ def execute(cfg: TokenFlowConfig, storage_root: str, stages: list[PlannedStage],
     """Run the selected incomplete stages once their inputs are complete (a pending stage's
     identity is resolved then, and it is skipped if that output already exists); stages run side
     by side while the cluster's resources cover all of them (a stage that needs more than the
-    cluster has runs alone). Returns every complete stage's manifest."""
+    cluster has runs alone). Each stage runs under its output's lease, so another run on the
+    same storage waits for it and reuses it. Returns every complete stage's manifest."""
     import ray
 
     total = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
@@ -194,6 +206,7 @@ def execute(cfg: TokenFlowConfig, storage_root: str, stages: list[PlannedStage],
     outputs = {p.name: p.output for p in stages if p.cached}
     manifests = {p.name: p.output.manifest() for p in stages if p.cached}
     pending = [p for p in stages if p.selected and not p.cached]
+    owner = new_owner()
     running: dict[Future, PlannedStage] = {}
     free = dict(total)
     failure: BaseException | None = None
@@ -220,7 +233,7 @@ def execute(cfg: TokenFlowConfig, storage_root: str, stages: list[PlannedStage],
                 lineage.stage_state(p, "running")
                 log.info("stage %s (%s): starting", p.name, p.output.hash[:12])
                 inputs = {i: outputs[i] for i in p.spec.inputs}
-                running[pool.submit(p.spec.run, cfg, inputs, p.output.url, lineage.link(p, inputs))] = p
+                running[pool.submit(_run_leased, p, cfg, inputs, lineage.link(p, inputs), owner)] = p
             if not running:
                 break
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -229,10 +242,11 @@ def execute(cfg: TokenFlowConfig, storage_root: str, stages: list[PlannedStage],
                 for k, v in resources(cfg, p.name).items():
                     free[k] = free.get(k, 0.0) + min(v, total.get(k, 0.0))
                 try:
-                    manifests[p.name] = future.result()
+                    manifests[p.name], ran = future.result()
                     outputs[p.name] = p.output
-                    lineage.stage_state(p, "complete")
-                    log.info("stage %s: complete", p.name)
+                    lineage.stage_state(p, "complete" if ran else "cached")
+                    log.info("stage %s: %s", p.name, "complete" if ran else
+                             "cached (another run on this storage made it while this one waited)")
                 except BaseException as exc:  # noqa: BLE001 - reported after running stages finish
                     lineage.stage_state(p, "failed")
                     log.error("stage %s failed: %s", p.name, exc)
