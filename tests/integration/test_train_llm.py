@@ -16,6 +16,7 @@ from tokenflow.stages.train_generator import run_train_generator
 from tokenflow.stages.train_understanding import run_train_understanding
 
 from tests.conftest import MODEL_CONFIGS
+from tests.integration.conftest import ProcessKiller, worker_killer
 
 TINY_LM = ("{model_type: qwen3, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
            "num_key_value_heads: 1, head_dim: 16, intermediate_size: 64, max_position_embeddings: 256, "
@@ -73,6 +74,80 @@ def test_generator_resume_is_exact(ray_local, token_shards, tiny_tokenizer_path,
                             str(tiny_tokenizer_path), str(out))
     straight = (tmp_path / "straight" / "model" / "model.safetensors").read_bytes()
     assert (tmp_path / "resumed" / "model" / "model.safetensors").read_bytes() == straight
+
+
+def _history(client, run_id: str, metric: str) -> dict[int, float]:
+    """Last logged value per step (a resumed worker group re-logs the steps after its checkpoint)."""
+    return {m.step: m.value for m in sorted(client.get_metric_history(run_id, metric), key=lambda m: m.timestamp)}
+
+
+def _assert_survived(straight: dict, killed: dict, killer: ProcessKiller, metric: str) -> None:
+    """The killed run resumed once, from a checkpoint, to the straight run's losses and weights."""
+    assert killer.killed is not None
+    client = _client(killed["out"])
+    expected = _history(_client(straight["out"]), straight["mlflow_run_id"], metric)
+    survived = _history(client, killed["mlflow_run_id"], metric)
+    assert sorted(expected) == sorted(survived)
+    for step in expected:
+        assert abs(expected[step] - survived[step]) <= 1e-6, (step, expected[step], survived[step])
+    resumes = _history(client, killed["mlflow_run_id"], "resumed_from_step")
+    assert len(resumes) == 1 and all(step == value > 0 for step, value in resumes.items()), resumes
+    assert ((straight["out"] / "model" / "model.safetensors").read_bytes()
+            == (killed["out"] / "model" / "model.safetensors").read_bytes())
+
+
+@pytest.mark.parametrize("stage", ["train_generator", "train_understanding"])
+def test_lost_worker_restarts_the_group_from_its_checkpoint(ray_local, token_shards, tiny_tokenizer_path, tmp_path,
+                                                            stage):
+    """One SIGKILLed worker mid-training: Ray Train restarts the group, which resumes from the
+    latest checkpoint to the uninterrupted run's losses and export, and the run records it."""
+    manifest, url = token_shards
+    run = {"train_generator": run_train_generator, "train_understanding": run_train_understanding}[stage]
+    args = ("steps=24", "checkpoint_every=3", "eval_every=100", "deepspeed=zero2")
+    if stage == "train_understanding":
+        args += ("align_steps=2", "split_turns=true", "heldout_questions=4")
+    def train(out):
+        return {**run(_config(stage, out, *args), manifest, url, str(tiny_tokenizer_path), str(out)), "out": out}
+
+    straight = train(tmp_path / "straight")
+    killer = worker_killer(tmp_path / "killed" / "checkpoints", "finetune" if stage == "train_understanding" else "train")
+    killer.start()
+    killed = train(tmp_path / "killed")
+    killer.join()
+    metric = "loss/answer" if stage == "train_understanding" else "loss/image_tokens"
+    _assert_survived(straight, killed, killer, metric)
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_another_world_size_resumes_through_a_universal_checkpoint(ray_local, token_shards, tiny_tokenizer_path,
+                                                                  tmp_path, zero):
+    """Checkpointed by 2 workers, resumed on 1 (trains on), then on 2 again: each change of world
+    size converts the checkpoint to DeepSpeed's universal form and restores the weights exactly
+    (an export right after the restore equals the export of the run that saved it); the runs
+    record the world size they resumed from."""
+    manifest, url = token_shards
+    out = tmp_path / "run"
+    weights = out / "model" / "model.safetensors"
+
+    def train(steps: int, workers: int) -> dict:
+        cfg = _config("train_generator", out, f"steps={steps}", f"num_workers={workers}", "checkpoint_every=2",
+                      "eval_every=100", f"deepspeed={zero}")
+        return run_train_generator(cfg, manifest, url, str(tiny_tokenizer_path), str(out))
+
+    train(2, 2)
+    saved_by_two = weights.read_bytes()
+    shrunk = train(4, 1)  # restores the 2-worker checkpoint on 1 worker, trains steps 3 and 4
+    saved_by_one = weights.read_bytes()
+    assert saved_by_one != saved_by_two
+    grown = train(4, 2)  # restores the 1-worker checkpoint on 2 workers; nothing left to train
+    assert weights.read_bytes() == saved_by_one
+
+    client = _client(out)
+    for result, step, world in ((shrunk, 2, 2), (grown, 4, 1)):
+        history = _history(client, result["mlflow_run_id"], "resumed_from_world_size")
+        assert history == {step: float(world)}, history
+    losses = _history(client, shrunk["mlflow_run_id"], "loss/image_tokens")
+    assert sorted(losses) == [3, 4] and all(0 < v < 7 for v in losses.values()), losses
 
 
 def test_generator_refuses_shards_of_another_tokenizer(token_shards, tmp_path, tiny_config):

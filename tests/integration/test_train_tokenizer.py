@@ -17,6 +17,7 @@ from tokenflow.stages.corpus import build_corpus
 from tokenflow.stages.train_tokenizer import run_train_tokenizer
 
 from tests.conftest import MODEL_CONFIGS, REPO
+from tests.integration.conftest import worker_killer
 
 TINY = MODEL_CONFIGS / "tokenflow-tiny.yaml"
 FAST = ["train_tokenizer.num_workers=2", "train_tokenizer.cpus_per_worker=0.5",
@@ -146,19 +147,60 @@ def test_zero2_killed_job_resumes_with_identical_losses(where, corpus, uninterru
         storage.join(killed, "tokenizer.safetensors"))
 
 
-def test_corrupt_optimizer_state_fails_loudly(ray_local, corpus, tmp_path):
-    out = tmp_path / "run"
-    cfg = load_config(TINY, [*FAST, "train_tokenizer.steps=2", "train_tokenizer.checkpoint_every=2"])
+def test_lost_worker_restarts_the_group_from_its_checkpoint(ray_local, corpus, uninterrupted, tmp_path):
+    """One SIGKILLed worker: Ray Train restarts the worker group (``max_failures``), which
+    resumes from the latest checkpoint and ends with the uninterrupted losses and export; the
+    stage's run records the resume."""
+    out, db = tmp_path / "out", tmp_path / "mlflow.db"
+    cfg = load_config(TINY, [*FAST, *RESUME_STEPS, f"tracking.tracking_uri=sqlite:///{db}"])
+    killer = worker_killer(out / "checkpoints")
+    killer.start()
     run_train_tokenizer(cfg, _manifest(corpus), str(out))
-    latest = sorted((out / "checkpoints" / "train").glob("checkpoint_0*"))[-1]
+    killer.join()
+    assert killer.killed is not None
+
+    clean_out, clean_db = uninterrupted
+    expected, survived = _history(clean_db, "loss/total"), _history(db, "loss/total")
+    assert sorted(survived) == list(range(1, 11))
+    for step in expected:
+        assert abs(expected[step] - survived[step]) <= 1e-6, (step, expected[step], survived[step])
+    resumes = _history(db, "resumed_from_step")
+    assert len(resumes) == 1 and all(step == value and step % 2 == 0 and step < 10
+                                     for step, value in resumes.items()), resumes
+    assert (clean_out / "tokenizer.safetensors").read_bytes() == (out / "tokenizer.safetensors").read_bytes()
+
+
+def test_corrupt_latest_checkpoint_falls_back_or_fails_as_configured(ray_local, corpus, tmp_path):
+    out, db = tmp_path / "run", tmp_path / "mlflow.db"
+
+    def train(steps: int, *extra: str) -> dict:
+        cfg = load_config(TINY, [*FAST, f"train_tokenizer.steps={steps}", "train_tokenizer.checkpoint_every=2",
+                                 "train_tokenizer.max_failures=0", f"tracking.tracking_uri=sqlite:///{db}", *extra])
+        return run_train_tokenizer(cfg, _manifest(corpus), str(out))
+
+    train(4)
+    checkpoints = out / "checkpoints" / "train"
+    latest = checkpoints / "checkpoint_0000004_from_0000000"
     optim = sorted(latest.glob("generator/state/*optim_states.pt"))[0]
     optim.write_bytes(optim.read_bytes()[:100])
-    longer = load_config(TINY, [*FAST, "train_tokenizer.steps=4", "train_tokenizer.checkpoint_every=2"])
-    with pytest.raises(Exception, match="cannot load"):
-        run_train_tokenizer(longer, _manifest(corpus), str(out))
-    optim.unlink()
-    with pytest.raises(Exception, match="optimizer state missing"):
-        run_train_tokenizer(longer, _manifest(corpus), str(out))
+    with pytest.raises(Exception, match=r"checkpoint_0000004_from_0000000 does not verify: generator/state/\S+"
+                                        r"optim_states.pt has 100 bytes"):
+        train(6, "train_tokenizer.corrupt_checkpoint=fail")
+
+    result = train(6)  # falls back to step 2, with a warning and a tag naming the bad checkpoint
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.data.tags["tokenflow.checkpoints_skipped"].startswith(
+        "checkpoint_0000004_from_0000000: generator/state/")
+    assert client.get_metric_history(run.info.run_id, "resumed_from_step")[-1].value == 2.0
+    # The new attempt's checkpoints went to new directories; Ray Train then kept the newest two.
+    assert sorted(p.name for p in checkpoints.glob("checkpoint_*") if p.is_dir()) == [
+        "checkpoint_0000004_from_0000002", "checkpoint_0000006_from_0000002"]
+
+    for rank_file in checkpoints.glob("checkpoint_*/rank0.json"):
+        rank_file.write_text(rank_file.read_text().replace('"bytes": ', '"bytes": 1'))
+    with pytest.raises(Exception, match="no checkpoint verifies, refusing to start from scratch"):
+        train(8)
 
 
 def test_decoder_finetune_stage_trains_only_the_decoder(ray_local, corpus, tmp_path):

@@ -36,8 +36,12 @@ def test_same_seed_same_batches_and_resume_replays_exactly(shards):
 
 def test_workers_split_the_epoch_without_overlap(shards):
     def epoch_keys(rank: int, world: int) -> list[str]:
-        stream = ImageStream(shards, rank, world, seed=0, image_size=64)
-        return [s.key for _, s in stream.stream._epoch_items(0)]
+        stream, keys = ImageStream(shards, rank, world, seed=0, image_size=64).stream, []
+        while True:
+            _, sample = stream.next()
+            if stream.epoch > 0:
+                return keys
+            keys.append(sample.key)
 
     for world in (2, 3, 8):  # 6 shards: by shard for 2 and 3 workers, by sample for 8
         parts = [epoch_keys(r, world) for r in range(world)]

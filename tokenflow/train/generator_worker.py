@@ -27,6 +27,7 @@ from tokenflow.train.jobs import GeneratorJob
 from tokenflow.train.llm_common import (engine_for, example_stream, export_llm, first_examples, load_llm_parts,
                                         special_id)
 from tokenflow.train.loop import Schedule, run_loop
+from tokenflow.train.sharded_stream import resharded
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,13 @@ class GeneratorTask:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state["stream"])
         self.unconditional, self.prompts.truncated = state["unconditional"], state["truncated"]
+
+    def resharded(self, states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
+        first = rank == 0  # the counters are totals over the saving ranks, kept by the first rank
+        return {"stream": resharded([s["stream"] for s in states], self.stream.num_shards, self.stream.seed, rank,
+                                    world),
+                "unconditional": sum(s["unconditional"] for s in states) if first else 0,
+                "truncated": sum(s["truncated"] for s in states) if first else 0}
 
 
 def train_generator_worker(job: GeneratorJob) -> None:

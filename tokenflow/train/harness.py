@@ -4,19 +4,25 @@ gathering. The loop itself is :mod:`tokenflow.train.loop`."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shutil
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import pyarrow.fs as pyarrow_fs
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from tokenflow.monitoring import system_metrics
-from tokenflow.train.checkpoint import load_checkpoint, save_checkpoint
+from tokenflow.train.checkpoint import (CheckpointError, load_checkpoint, load_resized, save_checkpoint,
+                                       saved_world_size, to_universal, verify_checkpoint)
 from tokenflow.train.jobs import WorkerJob
 
 log = logging.getLogger(__name__)
@@ -32,6 +38,15 @@ def join_worker_group(use_gpu: bool) -> tuple[int, int, torch.device]:
     device = worker_device(use_gpu)
     init_distributed(device)
     return ctx.get_world_rank(), ctx.get_world_size(), device
+
+
+def worker_nodes(world_size: int) -> list[str]:
+    """The Ray node id of every rank, in rank order (collective)."""
+    import ray
+
+    nodes: list[Any] = [None] * world_size
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    return nodes
 
 
 def all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
@@ -62,6 +77,10 @@ class Tracker:
             now = int(time.time() * 1000)
             self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in sorted(values.items())])
 
+    def tag(self, key: str, value: str) -> None:
+        if self.active:
+            self.client.set_tag(self.run_id, key, value)
+
     def artifact(self, path: Path, artifact_dir: str) -> None:
         if self.active:
             self.client.log_artifact(self.run_id, str(path), artifact_dir)
@@ -89,29 +108,123 @@ class Tracker:
             yield
 
 
-def restore(engines: dict[str, Any], rank: int, world_size: int) -> dict[str, Any] | None:
-    """The client state of Ray Train's latest checkpoint (engines and RNG restored), or None."""
+@dataclass(frozen=True)
+class Restored:
+    """What :func:`restore` resumed from."""
+
+    states: list[dict[str, Any]]  # the client state of each rank that saved the checkpoint
+    checkpoint: str  # the checkpoint directory's name
+    skipped: tuple[str, ...]  # "<name>: <reason>" of each newer checkpoint that did not verify
+
+    @property
+    def step(self) -> int:
+        return int(self.states[0]["step"])
+
+    @property
+    def saved_world_size(self) -> int:
+        return len(self.states)
+
+
+def _any_rank(flag: bool) -> bool:
+    """True when ``flag`` is true on any rank (collective)."""
+    t = torch.tensor([int(flag)], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _newest_first(latest: Any) -> Iterator[Any]:
+    """Ray Train's latest checkpoint, then the older ones beside it in storage, newest first."""
+    from ray.train import Checkpoint
+
+    yield latest
+    parent, name = latest.path.rstrip("/").rsplit("/", 1)
+    listing = latest.filesystem.get_file_info(pyarrow_fs.FileSelector(parent))
+    older = sorted((info.base_name for info in listing
+                    if info.type == pyarrow_fs.FileType.Directory and info.base_name.startswith("checkpoint_")
+                    and info.base_name < name), reverse=True)
+    for base in older:
+        yield Checkpoint(f"{parent}/{base}", latest.filesystem)
+
+
+def restore(engines: dict[str, Any], rank: int, world_size: int, on_corrupt: str = "fallback") -> Restored | None:
+    """Restore engines and RNG from the newest checkpoint that verifies on every rank, or None
+    when there is none yet. A latest checkpoint that does not verify is skipped with a warning
+    (``on_corrupt="fallback"``) or raises (``"fail"``); none verifying raises
+    :class:`CheckpointError` (collective: every rank resumes from the same checkpoint)."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    latest = ray.train.get_checkpoint()
+    if latest is None:
         return None
-    with checkpoint.as_directory() as directory:
-        state = load_checkpoint(Path(directory), engines, rank, world_size)
-    log.info("rank %d resumed at step %d", rank, state["step"])
-    return state
+    skipped: list[str] = []
+    for checkpoint in _newest_first(latest):
+        name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+        with checkpoint.as_directory() as directory:
+            problem = verify_checkpoint(Path(directory), rank, world_size)
+            if not _any_rank(problem is not None):
+                states = _load(Path(directory), engines, rank, world_size)
+                log.info("rank %d resumed at step %d from %s (saved by %d workers)", rank, states[0]["step"],
+                         name, len(states))
+                return Restored(states, name, tuple(skipped))
+        reason = problem or "a file of another rank does not verify"
+        if on_corrupt == "fail":
+            raise CheckpointError(f"checkpoint {name} does not verify: {reason} (corrupt_checkpoint: fail)")
+        log.warning("checkpoint %s does not verify (%s); trying the one before it", name, reason)
+        skipped.append(f"{name}: {reason}")
+    raise CheckpointError("no checkpoint verifies, refusing to start from scratch: " + "; ".join(skipped))
+
+
+def _load(directory: Path, engines: dict[str, Any], rank: int, world_size: int) -> list[dict[str, Any]]:
+    """Every saving rank's client state, with this rank's engines and RNG restored (collective).
+    Saved by another number of workers, the first worker of each node converts the engines'
+    checkpoints to DeepSpeed's universal form in a node-local directory, which every worker of
+    the node then loads its new partition from."""
+    import ray.train
+
+    saved = saved_world_size(directory)
+    if saved == world_size:
+        own = load_checkpoint(directory, engines, rank, world_size)
+        return [json.loads((directory / f"rank{r}.json").read_text()) if r != rank else own
+                for r in range(world_size)]
+    log.warning("checkpoint %s was saved by %s workers, resuming with %d: converting it to a DeepSpeed "
+                "universal checkpoint and re-sharding the data stream", directory.name, saved, world_size)
+    universal = Path(tempfile.gettempdir()) / "tokenflow-universal" / hashlib.sha256(
+        str(directory).encode()).hexdigest()[:16]
+    converter = ray.train.get_context().get_local_rank() == 0
+    failure = None
+    if converter:
+        shutil.rmtree(universal, ignore_errors=True)
+        try:
+            for name in engines:
+                to_universal(directory, name, universal)
+        except CheckpointError as exc:
+            failure = exc
+    if _any_rank(failure is not None):  # also the barrier before anyone loads
+        raise failure or CheckpointError(f"{directory}: conversion to a universal checkpoint failed on another node")
+    try:
+        return load_resized(directory, universal, engines, rank)
+    finally:
+        _any_rank(False)  # every rank of the node has loaded before the directory goes
+        if converter:
+            shutil.rmtree(universal, ignore_errors=True)
+
+
+def checkpoint_name(step: int, resumed_from: int) -> str:
+    """A checkpoint directory's name: its step, then the step its attempt started from, so an
+    attempt that fell back behind a corrupt checkpoint never writes into that one's directory
+    (names sort by step, then by attempt)."""
+    return f"checkpoint_{step:07d}_from_{resumed_from:07d}"
 
 
 def report_checkpoint(engines: dict[str, Any], rank: int, world_size: int, state: dict[str, Any],
-                      metrics: dict[str, float] | None = None) -> None:
+                      resumed_from: int) -> None:
     """Save every engine and this rank's ``state`` (with ``step``) and report it (collective)."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp), engines, rank, world_size, state)
-        ray.train.report({"step": state["step"], **(metrics or {})},
-                         checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{state['step']:07d}")
+        ray.train.report({"step": state["step"]}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=checkpoint_name(state["step"], resumed_from))
 
 
 def gathered_state_dict(module: nn.Module, engine: Any, rank: int, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:

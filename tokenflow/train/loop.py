@@ -7,13 +7,14 @@ A worker builds a :class:`TrainingTask` (its engines, batches and step function)
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tokenflow.config import TrainingConfig
-from tokenflow.train.harness import Tracker, all_reduce_mean, report_checkpoint, restore
+from tokenflow.train.harness import Tracker, all_reduce_mean, report_checkpoint, restore, worker_nodes
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +30,13 @@ class Schedule:
     checkpoint_every: int
     eval_every: int | None = None  # None: no held-out evaluation
     prefix: str = ""  # metric name prefix (e.g. "align/" for a first phase)
+    on_corrupt_checkpoint: str = "fallback"  # TrainingConfig.corrupt_checkpoint
 
     @classmethod
     def of(cls, t: TrainingConfig, eval_every: int | None, steps: int | None = None, prefix: str = "") -> "Schedule":
         """A stage's schedule from its training config (``steps`` overrides ``t.steps``)."""
         return cls(steps or t.steps, t.micro_batch_size, t.grad_accum, t.log_every, t.checkpoint_every, eval_every,
-                   prefix)
+                   prefix, t.corrupt_checkpoint)
 
     def due(self, step: int, every: int | None) -> bool:
         return every is not None and (step % every == 0 or step == self.steps)
@@ -61,6 +63,10 @@ class TrainingTask(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
 
+    def resharded(self, states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
+        """This rank's state, for :meth:`load_state_dict`, from the states of the ranks of another
+        world size (in rank order): the rest of their epoch re-sharded, counters kept once."""
+
 
 @dataclass
 class Progress:
@@ -86,13 +92,23 @@ def _duration(seconds: float) -> str:
 
 
 def run_loop(task: TrainingTask, schedule: Schedule, tracker: Tracker, rank: int, world: int, name: str) -> None:
-    """Train ``task`` to ``schedule.steps``, resuming from Ray Train's latest checkpoint when there
-    is one; each node's system metrics go to the stage's run meanwhile."""
+    """Train ``task`` to ``schedule.steps``, resuming from the newest checkpoint that verifies
+    when there is one (recorded as the ``resumed_from_step`` and ``resumed_from_world_size``
+    metrics), also one saved by another number of workers; each node's system metrics go to the
+    stage's run meanwhile."""
     step = 0
-    state = restore(task.engines, rank, world)
-    if state is not None:
-        step = state["step"]
-        task.load_state_dict(state["task"])
+    tracker.tag("tokenflow.worker_nodes", json.dumps(worker_nodes(world)))  # this attempt's placement
+    restored = restore(task.engines, rank, world, schedule.on_corrupt_checkpoint)
+    if restored is not None:
+        step, saved_world = restored.step, restored.saved_world_size
+        tasks = [state["task"] for state in restored.states]
+        task.load_state_dict(tasks[rank] if saved_world == world else task.resharded(tasks, rank, world))
+        # Every resume (a restarted worker group, a re-submitted stage, another world size) is one
+        # point of these metrics.
+        tracker.metrics({schedule.prefix + "resumed_from_step": float(step),
+                         schedule.prefix + "resumed_from_world_size": float(saved_world)}, step)
+        if restored.skipped:
+            tracker.tag("tokenflow.checkpoints_skipped", "; ".join(restored.skipped))
     with tracker.node_metrics():
         _steps(task, schedule, tracker, rank, world, step, Progress(name, schedule.steps, rank == 0))
 
@@ -100,6 +116,7 @@ def run_loop(task: TrainingTask, schedule: Schedule, tracker: Tracker, rank: int
 def _steps(task: TrainingTask, schedule: Schedule, tracker: Tracker, rank: int, world: int, step: int,
            progress: Progress) -> None:
     samples_per_step = schedule.micro_batch_size * schedule.grad_accum * world
+    start = step
     lr_engine = next(iter(task.engines.values()))
     window_start, window_steps = time.perf_counter(), 0
     while step < schedule.steps:
@@ -124,4 +141,4 @@ def _steps(task: TrainingTask, schedule: Schedule, tracker: Tracker, rank: int, 
             window_start, window_steps = time.perf_counter(), 0
 
         if schedule.due(step, schedule.checkpoint_every):
-            report_checkpoint(task.engines, rank, world, {"step": step, "task": task.state_dict()})
+            report_checkpoint(task.engines, rank, world, {"step": step, "task": task.state_dict()}, start)

@@ -1,19 +1,36 @@
-"""Deterministic, resumable, rank-sharded iteration over the items of a list of shards.
+"""Deterministic, resumable, rank-sharded iteration over the items of a list of shards, which
+can be re-sharded onto another number of workers mid-epoch.
 
 Epoch ``e`` orders the shards by a permutation drawn from ``(seed, e)``. With at least as many
 shards as workers, worker ``r`` reads shards ``r, r + W, ...`` of that order (no overlap); with
-fewer, every worker reads every shard and keeps items ``r, r + W, ...``. Items inside a shard are
-shuffled from ``(seed, e, shard)``. The state is ``(epoch, position)``; restoring it continues
-with exactly the same items, skipping the consumed ones without any per-item work.
+fewer, every worker reads every shard and keeps its items ``r, r + W, ...``. Items inside a shard
+are shuffled from ``(seed, e, shard)``. A worker's epoch is a list of segments ``(epoch, shard,
+begin, step)``, each the items ``begin, begin + step, ...`` of that shuffled shard; its state is
+the epoch, the segment and offset it is at, and its position (items consumed this epoch).
+Restoring the state continues with exactly the same items without reading the consumed shards.
+
+:func:`resharded` turns the states of ``W`` workers into those of ``W'`` workers: what the old
+workers had not yet consumed of their epoch is split item by item over the new ones, so within
+the epoch no item is skipped or read twice; the epoch after starts on the usual plan for ``W'``.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 import numpy as np
 
 T = TypeVar("T")
+
+Segment = tuple[int, int, int, int]  # (epoch, shard, first item, step) over the shard's shuffled items
+
+
+def epoch_plan(num_shards: int, seed: int, epoch: int, rank: int, world_size: int) -> list[Segment]:
+    """Worker ``rank``'s segments of ``epoch`` when the epoch starts with ``world_size`` workers."""
+    order = [int(s) for s in np.random.default_rng([seed, epoch]).permutation(num_shards)]
+    if num_shards >= world_size:
+        return [(epoch, s, 0, 1) for s in order[rank::world_size]]
+    return [(epoch, s, rank, world_size) for s in order]
 
 
 class ShardedStream(Generic[T]):
@@ -26,45 +43,72 @@ class ShardedStream(Generic[T]):
             raise ValueError(f"rank {rank} outside world of {world_size}")
         self.num_shards, self.read = num_shards, read
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.epoch, self.position = 0, 0
-        self._items: Iterator[tuple[int, T]] | None = None
+        self.epoch, self.position, self.segment, self.offset = 0, 0, 0, 0
+        self.plan: list[Segment] | None = None  # None: the epoch's usual plan
+        self._items: list[T] | None = None  # the current segment's items
+        self._empty_epochs = 0
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "segment": self.segment, "offset": self.offset,
+                "plan": None if self.plan is None else [list(s) for s in self.plan]}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.segment, self.offset = int(state["segment"]), int(state["offset"])
+        self.plan = None if state["plan"] is None else [tuple(s) for s in state["plan"]]
         self._items = None
 
-    def _epoch_items(self, epoch: int) -> Iterator[tuple[int, T]]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_shards)
-        by_shard = self.num_shards >= self.world_size
-        mine = order[self.rank :: self.world_size] if by_shard else order
-        kept = 0
-        for shard in mine:
-            items = self.read(int(shard))
-            for i in np.random.default_rng([self.seed, epoch, int(shard)]).permutation(len(items)):
-                if not by_shard and kept % self.world_size != self.rank:
-                    kept += 1
-                    continue
-                kept += 1
-                yield int(shard), items[int(i)]
+    def _segments(self) -> list[Segment]:
+        if self.plan is not None:
+            return self.plan
+        return epoch_plan(self.num_shards, self.seed, self.epoch, self.rank, self.world_size)
 
-    def _positioned(self) -> Iterator[tuple[int, T]]:
-        while True:
-            empty = True
-            for n, item in enumerate(self._epoch_items(self.epoch)):
-                empty = False
-                if n >= self.position:
-                    yield item
-            if empty:
-                raise ValueError(f"worker {self.rank} got no items (fewer items than workers?)")
-            self.epoch, self.position = self.epoch + 1, 0
+    def _segment_items(self, segment: Segment) -> list[T]:
+        epoch, shard, begin, step = segment
+        items = self.read(shard)
+        order = np.random.default_rng([self.seed, epoch, shard]).permutation(len(items))
+        return [items[int(i)] for i in order[begin::step]]
 
     def next(self) -> tuple[int, T]:
         """The next item; advances the position (also for items the caller then rejects)."""
-        if self._items is None:
-            self._items = self._positioned()
-        item = next(self._items)
-        self.position += 1
-        return item
+        while True:
+            segments = self._segments()
+            if self.segment >= len(segments):
+                self._empty_epochs = 0 if self.position else self._empty_epochs + 1
+                if self._empty_epochs > 1:
+                    raise ValueError(f"worker {self.rank} got no items (fewer items than workers?)")
+                self.epoch, self.position, self.segment, self.offset, self.plan = self.epoch + 1, 0, 0, 0, None
+                self._items = None
+                continue
+            if self._items is None:
+                self._items = self._segment_items(segments[self.segment])
+            if self.offset < len(self._items):
+                item = self._items[self.offset]
+                self.offset += 1
+                self.position += 1
+                return segments[self.segment][1], item
+            self.segment, self.offset, self._items = self.segment + 1, 0, None
+
+
+def resharded(states: list[dict[str, Any]], num_shards: int, seed: int, rank: int,
+              world_size: int) -> dict[str, Any]:
+    """The stream state of worker ``rank`` of ``world_size`` that continues the epoch the workers
+    with ``states`` (one per old rank, in rank order) were in: the items none of them consumed
+    yet, split item by item over the new workers. Old workers in different epochs (one wrapped
+    before the others) are brought to the latest one: the laggards' rest of their epoch and
+    their whole share of each epoch up to the latest one are in the remainder."""
+    old_world, latest = len(states), max(int(s["epoch"]) for s in states)
+    remainder: list[Segment] = []
+    for old_rank, state in enumerate(states):
+        epoch = int(state["epoch"])
+        plan = ([tuple(s) for s in state["plan"]] if state["plan"] is not None
+                else epoch_plan(num_shards, seed, epoch, old_rank, old_world))
+        segment, offset = int(state["segment"]), int(state["offset"])
+        if segment < len(plan):
+            e, shard, begin, step = plan[segment]
+            remainder.append((e, shard, begin + offset * step, step))
+            remainder += plan[segment + 1:]
+        for later in range(epoch + 1, latest + 1):
+            remainder += epoch_plan(num_shards, seed, later, old_rank, old_world)
+    mine = [(e, shard, begin + rank * step, step * world_size) for e, shard, begin, step in remainder]
+    return {"epoch": latest, "position": 0, "segment": 0, "offset": 0, "plan": [list(s) for s in mine]}

@@ -38,6 +38,7 @@ from tokenflow.train.harness import Tracker, join_worker_group
 from tokenflow.train.image_stream import ImageStream, QuarantinedSample
 from tokenflow.train.jobs import TokenizerJob
 from tokenflow.train.loop import Schedule, run_loop
+from tokenflow.train.sharded_stream import resharded
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,11 @@ class TokenizerTask:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state["stream"])
         self.stream.quarantined = [QuarantinedSample(**q) for q in state["quarantined"]]
+
+    def resharded(self, states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
+        stream = self.stream.stream  # the quarantine records of every saving rank go to the first one
+        return {"stream": resharded([s["stream"] for s in states], stream.num_shards, stream.seed, rank, world),
+                "quarantined": [q for s in states for q in s["quarantined"]] if rank == 0 else []}
 
 
 def train_tokenizer_worker(job: TokenizerJob) -> None:
