@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -25,7 +26,7 @@ from tokenflow.data.verify import verify_token_shards
 from tokenflow.stages.pretokenize import pretokenize_corpus
 
 from tests.conftest import MODEL_CONFIGS, REPO
-from tests.integration.conftest import assert_resources_released
+from tests.integration.conftest import ProcessKiller, assert_resources_released
 from tests.fixtures.odd_images import odd_image_samples
 
 _EXT = {"jpeg": "jpg", "png": "png", "webp": "webp", "gif": "gif", "tiff": "tif"}
@@ -224,3 +225,35 @@ def test_a_tokenizer_view_makes_its_own_token_shards(ray_local, tmp_path, tiny_t
     tokens = torch.from_numpy(np.stack([s.tokens for s in samples[:2]])).long()
     decoded = load_tokenizer(tiny_tokenizer_path, view=view).decode_indices(tokens)
     assert decoded.shape == (2, 3, 72, 72)
+
+
+def test_every_attempt_losing_its_actor_fails_naming_the_loss(ray_local, tiny_tokenizer_path, tmp_path):
+    """No restarts, no task retries, two attempts: each attempt's tokenizer actor SIGKILLed while
+    it encodes, and the stage fails with an error naming the attempts and the lost actor (it
+    neither hangs nor retries without bound); the shards it had written stay valid."""
+    from tokenflow.config import CorpusConfig, ShapesCorpusConfig
+    from tokenflow.stages.corpus import build_corpus
+    from tokenflow.stages.pretokenize import PretokenizeAttemptsExhausted
+
+    corpus = build_corpus(CorpusConfig(shapes=ShapesCorpusConfig(num_samples=240, shard_size=20, seed=3)),
+                          str(tmp_path / "corpus"))
+    out = tmp_path / "tokens"
+    first = ProcessKiller("_EncoderActor", lambda: bool(list(out.rglob("*.parquet"))))
+
+    def next_actor_started() -> bool:
+        return first.killed is not None and any(
+            p.pid > first.killed and any("_EncoderActor" in part for part in p.info["cmdline"] or [])
+            for p in psutil.process_iter(["cmdline"]))
+
+    second = ProcessKiller("_EncoderActor", next_actor_started)
+    first.start()
+    second.start()
+    cfg = PretokenizeConfig(micro_batch=4, batch_size=4, max_actor_restarts=0, max_task_retries=0, max_attempts=2,
+                            retry_wait_s=0)
+    with pytest.raises(PretokenizeAttemptsExhausted, match=r"in each of 2 attempts .*the last loss: \w*Actor\w*Error"):
+        pretokenize_corpus(corpus, str(tiny_tokenizer_path), str(out), cfg)
+    first.join()
+    second.join()
+    assert first.killed is not None and second.killed is not None and first.killed != second.killed
+    assert not (out / "_MANIFEST.json").exists()
+    assert_resources_released(ray_local)

@@ -11,6 +11,7 @@ work without tracking.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import time
 from dataclasses import asdict
@@ -45,11 +46,14 @@ class _EncoderActor:
         self.encoder = ShardEncoder(device=device, **kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        import ray
+
         results = []
         for i in range(len(batch["split"])):
             record = ShardRecord(**{f: _scalar(batch[f][i]) for f in _RECORD_FIELDS})
             results.append(self.encoder.encode_shard(record, str(batch["split"][i])))
-        return {k: [asdict(r)[k] for r in results] for k in asdict(results[0])}
+        columns = {k: [asdict(r)[k] for r in results] for k in asdict(results[0])}
+        return {**columns, "node": [ray.get_runtime_context().get_node_id()] * len(results)}
 
 
 def _scalar(value: Any) -> Any:
@@ -73,9 +77,11 @@ def run_pretokenize(cfg: TokenFlowConfig, stage: str, corpus_manifest: dict[str,
                   "Encodes every corpus shard into a Parquet token shard with the tokenizer export"
                   + (f" at {view.image_size} px, scales {list(view.scales)}" if view is not None else "")
                   + "; undecodable samples are quarantined.") as run:
-        manifest = encode_corpus(corpus_manifest, tokenizer_url, inputs["tokenizer"], out_url, cfg.pretokenize, view)
+        manifest, per_node = encode_corpus(corpus_manifest, tokenizer_url, inputs["tokenizer"], out_url,
+                                           cfg.pretokenize, view)
         run.metrics({f"{split}/{key}": float(block[key]) for split, block in manifest["splits"].items()
                      for key in ("rows", "quarantined")})
+        run.tag("tokenflow.shards_per_node", json.dumps(per_node, sort_keys=True))
         return run.finish(manifest)
 
 
@@ -83,7 +89,7 @@ def pretokenize_corpus(corpus_manifest: dict[str, Any], tokenizer_url: str, out_
                        cfg: PretokenizeConfig, view: TokenizerView | None = None) -> dict[str, Any]:
     """Tokenize every shard of every split of a corpus into ``out_url`` (with the tokenizer at
     ``view`` when given); writes and returns the manifest."""
-    manifest = encode_corpus(corpus_manifest, tokenizer_url, _tokenizer_digest(tokenizer_url), out_url, cfg, view)
+    manifest, _ = encode_corpus(corpus_manifest, tokenizer_url, _tokenizer_digest(tokenizer_url), out_url, cfg, view)
     storage.write_json_atomic(storage.join(out_url, MANIFEST_NAME), manifest)
     return manifest
 
@@ -94,14 +100,54 @@ def _tokenizer_digest(tokenizer_url: str) -> str:
     return file_sha256(storage.local_path(tokenizer_url))
 
 
-def encode_corpus(corpus_manifest: dict[str, Any], tokenizer_url: str, tokenizer_digest: str, out_url: str,
-                  cfg: PretokenizeConfig, view: TokenizerView | None = None) -> dict[str, Any]:
-    """Encode every shard not yet encoded with the tokenizer export at ``tokenizer_url`` (sha256
-    ``tokenizer_digest``), then reconcile them all; returns the manifest (not yet written)."""
-    import ray
+class PretokenizeAttemptsExhausted(RuntimeError):
+    """Every attempt of the stage lost an actor, worker or node."""
 
+
+def _lost_to_the_cluster(exc: BaseException) -> bool:
+    """True for the failures a re-run can get past: a dead actor, worker process, node or
+    object (not an error raised by the data or the code)."""
+    from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
+
+    return isinstance(exc, (RayActorError, NodeDiedError, ObjectLostError, WorkerCrashedError))
+
+
+def encode_corpus(corpus_manifest: dict[str, Any], tokenizer_url: str, tokenizer_digest: str, out_url: str,
+                  cfg: PretokenizeConfig, view: TokenizerView | None = None) -> tuple[dict[str, Any], dict[str, int]]:
+    """Encode every shard not yet encoded with the tokenizer export at ``tokenizer_url`` (sha256
+    ``tokenizer_digest``), then reconcile them all; returns the manifest (not yet written) and
+    how many shards each Ray node encoded in the attempt that completed.
+
+    Actors are spread over the nodes. Within an attempt Ray restarts an actor whose process or
+    node died and retries its shard, each a bounded number of times (``max_actor_restarts``,
+    ``max_task_retries``); an attempt that still ends with a lost actor, worker or node is run
+    again for the shards not yet written, at most ``max_attempts`` times in all."""
     items = [{"split": split, **asdict(r)} for split in corpus_manifest["splits"]
              for r in shard_records(corpus_manifest, split)]
+    for attempt in range(1, cfg.max_attempts + 1):
+        try:
+            per_node = _encode_attempt(items, tokenizer_url, out_url, cfg, view)
+            break
+        except Exception as exc:
+            if not _lost_to_the_cluster(exc):
+                raise
+            if attempt == cfg.max_attempts:
+                raise PretokenizeAttemptsExhausted(
+                    f"pretokenize lost its actors in each of {attempt} attempts (pretokenize.max_attempts); "
+                    f"the last loss: {type(exc).__name__}: {exc}") from exc
+            log.warning("pretokenize attempt %d of %d lost an actor, worker or node (%s: %s); the shards not "
+                        "yet written run again in %.0fs", attempt, cfg.max_attempts, type(exc).__name__,
+                        str(exc).splitlines()[0], cfg.retry_wait_s)
+            time.sleep(cfg.retry_wait_s)
+    return finalize(corpus_manifest, out_url, tokenizer_digest, cfg, view), per_node
+
+
+def _encode_attempt(items: list[dict[str, Any]], tokenizer_url: str, out_url: str, cfg: PretokenizeConfig,
+                    view: TokenizerView | None) -> dict[str, int]:
+    """One run of the actor pool over every shard (written ones are skipped); the number of
+    shards each node encoded."""
+    import ray
+
     gpus = _resolve_gpus(cfg)
     if removed := storage.remove_stale_temps(out_url):
         log.info("removed %d temp files left by an interrupted run", removed)
@@ -116,20 +162,28 @@ def encode_corpus(corpus_manifest: dict[str, Any], tokenizer_url: str, tokenizer
         concurrency=cfg.num_actors,
         num_cpus=cfg.cpus_per_actor,
         num_gpus=gpus,
+        scheduling_strategy="SPREAD",
+        max_restarts=cfg.max_actor_restarts,
+        max_task_retries=cfg.max_task_retries,
     )
-    results = ds.take_all()
-    # Ray Data releases the actor pool when its executor is collected; a reference cycle can keep
-    # it (and its CPUs or GPUs) until the next garbage collection, and a training stage that
-    # needs those resources next would wait for them forever (seen in CI).
-    del ds
-    gc.collect()
+    try:
+        results = ds.take_all()
+    finally:
+        # Ray Data releases the actor pool when its executor is collected; a reference cycle can
+        # keep it (and its CPUs or GPUs) until the next garbage collection, and a training stage
+        # (or the next attempt) that needs those resources would wait for them forever (seen in CI).
+        del ds
+        gc.collect()
     elapsed = time.perf_counter() - start
     done = [r for r in results if not r["skipped"]]
+    per_node: dict[str, int] = {}
+    for r in done:
+        per_node[r["node"]] = per_node.get(r["node"], 0) + 1
     rows = sum(r["rows"] for r in done)
     log.info("pretokenize: %d shards encoded (%d already done), %d samples in %.1fs (%.1f samples/s), "
              "%d quarantined", len(done), len(results) - len(done), rows, elapsed,
              rows / max(elapsed, 1e-9), sum(r["quarantined"] for r in done))
-    return finalize(corpus_manifest, out_url, tokenizer_digest, cfg, view)
+    return per_node
 
 
 def finalize(corpus_manifest: dict[str, Any], out_url: str, tokenizer_digest: str,
