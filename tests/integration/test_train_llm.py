@@ -64,18 +64,6 @@ def test_generator_zero3_two_workers_exports_a_sampler_and_logs(ray_local, token
     assert any(path.startswith("images/samples+step+3+") and path.endswith(".png") for path in images)
 
 
-def test_generator_resume_is_exact(ray_local, token_shards, tiny_tokenizer_path, tmp_path):
-    """3 steps, then the same output resumed to 6 == 6 uninterrupted steps, bit for bit."""
-    manifest, url = token_shards
-    args = ("checkpoint_every=3", "eval_every=100", "deepspeed=zero2", "cond_drop_prob=0.5")
-    for name, steps in (("straight", 6), ("resumed", 3), ("resumed", 6)):
-        out = tmp_path / name
-        run_train_generator(_config("train_generator", out, f"steps={steps}", *args), manifest, url,
-                            str(tiny_tokenizer_path), str(out))
-    straight = (tmp_path / "straight" / "model" / "model.safetensors").read_bytes()
-    assert (tmp_path / "resumed" / "model" / "model.safetensors").read_bytes() == straight
-
-
 def _history(client, run_id: str, metric: str) -> dict[int, float]:
     """Last logged value per step (a resumed worker group re-logs the steps after its checkpoint)."""
     return {m.step: m.value for m in sorted(client.get_metric_history(run_id, metric), key=lambda m: m.timestamp)}
@@ -100,10 +88,13 @@ def _assert_survived(straight: dict, killed: dict, killer: ProcessKiller, metric
 def test_lost_worker_restarts_the_group_from_its_checkpoint(ray_local, token_shards, tiny_tokenizer_path, tmp_path,
                                                             stage):
     """One SIGKILLed worker mid-training: Ray Train restarts the group, which resumes from the
-    latest checkpoint to the uninterrupted run's losses and export, and the run records it."""
+    latest checkpoint (engines, data position, RNG) to the uninterrupted run's losses and
+    export, byte for byte, and the run records it."""
     manifest, url = token_shards
     run = {"train_generator": run_train_generator, "train_understanding": run_train_understanding}[stage]
     args = ("steps=24", "checkpoint_every=3", "eval_every=100", "deepspeed=zero2")
+    if stage == "train_generator":  # random caption drops: the restored RNG state must replay them
+        args += ("cond_drop_prob=0.5",)
     if stage == "train_understanding":
         args += ("align_steps=2", "split_turns=true", "heldout_questions=4")
     def train(out):
