@@ -129,6 +129,24 @@ def test_inputs_count_by_content(tmp_path):
     assert _reruns(tmp_path, "train_tokenizer.steps=100") == set()
 
 
+def test_an_explicit_gpu_demand_without_gpus_fails_before_any_stage(tmp_path):
+    """use_gpu: true (or GPU pretokenize actors, or a cuda evaluation) where there are no GPUs is
+    a plan error naming each setting, never a CPU run under the GPU run's cache key; auto stays
+    valid and resolves to the CPU (part of the identity, see above)."""
+    gpu = ["train_tokenizer.use_gpu=true", "pretokenize.gpus_per_actor=1", "eval.device=cuda"]
+    with pytest.raises(PlanError) as err:
+        plan(load_config(SMOKE, gpu), str(tmp_path), env=ENV)
+    for reason in ("train_tokenizer.use_gpu is true but the Ray cluster has no GPUs",
+                   "pretokenize.gpus_per_actor is 1.0 but the Ray cluster has no GPUs",
+                   "eval.device is cuda but the driver has no CUDA device"):
+        assert reason in str(err.value)
+    with_gpus = Environment(cluster_gpus=True, driver_gpu=True, libraries=LIBRARIES)
+    assert plan(load_config(SMOKE, gpu), str(tmp_path), env=with_gpus)
+    assert plan(load_config(SMOKE, ["train_tokenizer.use_gpu=auto"]), str(tmp_path), env=ENV)
+    with pytest.raises(PlanError, match="train_generator.use_gpu is true"):  # only the selected stages count
+        plan(load_config(SMOKE, ["train_generator.use_gpu=true"]), str(tmp_path), only="train_generator", env=ENV)
+
+
 def test_an_indexed_corpus_reruns_when_its_shards_change(tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()

@@ -141,6 +141,23 @@ def _device(spec: StageSpec, cfg: TokenFlowConfig, env: Environment) -> str:
     return "cpu"
 
 
+def unmet_gpu_demand(spec: StageSpec, cfg: TokenFlowConfig, env: Environment) -> str | None:
+    """Why ``spec`` cannot run as configured here: it asks for GPUs explicitly (not ``auto``) and
+    the place it would run has none; else None. Checked before any stage starts, so a GPU config
+    never trains on CPUs under the GPU run's cache key."""
+    if spec.device == "eval":
+        if cfg.eval.device == "cuda" and not env.driver_gpu:
+            return "eval.device is cuda but the driver has no CUDA device"
+    elif spec.device == "pretokenize":
+        gpus = cfg.pretokenize.gpus_per_actor
+        if gpus != "auto" and gpus > 0 and not env.cluster_gpus:
+            return f"pretokenize.gpus_per_actor is {gpus} but the Ray cluster has no GPUs"
+    elif spec.training_section is not None and getattr(cfg, spec.training_section).use_gpu is True \
+            and not env.cluster_gpus:
+        return f"{spec.training_section}.use_gpu is true but the Ray cluster has no GPUs"
+    return None
+
+
 def resolve(spec: StageSpec, cfg: TokenFlowConfig, data: dict[str, Any], upstream: dict[str, StageOutput],
             env: Environment) -> StageIdentity:
     """The identity of ``spec`` once every input in ``upstream`` is complete."""

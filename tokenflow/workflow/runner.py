@@ -20,7 +20,7 @@ from tokenflow.redaction import redact
 from tokenflow.stages.stage_run import RunLink, StageIdentity
 from tokenflow.stages.tracking import check_tracking, log_text_artifact, resolve_tracking_uri, start_stage_run
 from tokenflow.workflow.durable import StageOutput
-from tokenflow.workflow.identity import Environment, resolve
+from tokenflow.workflow.identity import Environment, resolve, unmet_gpu_demand
 from tokenflow.workflow.lease import new_owner, stage_lease
 from tokenflow.workflow.pipeline import StageSpec, downstream, resources, stages
 
@@ -75,6 +75,10 @@ def plan(cfg: TokenFlowConfig, storage_root: str, only: str | None = None, start
     except ValueError as exc:
         raise PlanError(str(exc)) from exc
     env = env or Environment.detect(all_libraries(specs))
+    unmet = [reason for spec in specs if spec.name in selected
+             if (reason := unmet_gpu_demand(spec, cfg, env)) is not None]
+    if unmet:
+        raise PlanError("; ".join(unmet) + " (set it to auto or false/0, or run on a cluster with GPUs)")
     data = cfg.model_dump(mode="json")
     complete: dict[str, StageOutput] = {}
     out = []
