@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -151,6 +152,20 @@ def remove_stale_temps(url: str) -> int:
     for p in stale:
         fs.rm(p)
     return len(stale)
+
+
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(text: str, max_length: int = 96) -> str:
+    """One file or object name made from untrusted text (a sample key): letters, digits, ``.``,
+    ``_`` and ``-`` only, no leading dot, at most ``max_length`` characters. Text that had to
+    change gets a digest of the original appended, so two keys never share a name."""
+    clean = _UNSAFE_NAME_CHARS.sub("_", text).lstrip(".")
+    if clean == text and 0 < len(clean) <= max_length:
+        return clean
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{clean[: max_length - len(digest) - 1]}-{digest}"
 
 
 def write_json_atomic(url: str, value: Any) -> None:

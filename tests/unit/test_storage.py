@@ -1,3 +1,7 @@
+import re
+
+import pytest
+
 from tokenflow import storage
 
 
@@ -35,3 +39,17 @@ def test_local_path_downloads_files_and_directories_once_per_url(tmp_path):
     local = tmp_path / "here.bin"
     local.write_bytes(b"x")
     assert storage.local_path(str(local), tmp_path / "cache") == local
+
+
+@pytest.mark.parametrize("key", ["../../etc/passwd", "/abs/path", "a\x00b", "k" * 1000, "..", "", ".hidden",
+                                 "dir/file", "s\udcff", "ünïcode"])
+def test_a_key_from_the_data_becomes_one_safe_name(key, tmp_path):
+    name = storage.safe_name(key)
+    assert re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,95}", name), name
+    assert (tmp_path / name).resolve().parent == tmp_path.resolve()
+
+
+def test_safe_names_keep_clean_keys_and_never_collide():
+    assert storage.safe_name("shapes-000123_a.b") == "shapes-000123_a.b"
+    keys = ["a/b", "a_b", "a\\b", "a b", "k" * 1000, "k" * 999 + "j"]
+    assert len({storage.safe_name(k) for k in keys}) == len(keys)

@@ -4,8 +4,11 @@ Every held-out sample carries one pair of questions of one type (existence, coun
 position; :func:`tokenflow.data.shapes.make_questions`), which names its MME subtask. The set is
 written in MME's flat layout, readable by :func:`tokenflow.eval.mme.load_mme`::
 
-    <out>/<subtask>/<key>.png
-    <out>/<subtask>/<key>.txt     "<question> Please answer yes or no.<TAB>Yes|No", one per line
+    <out>/<subtask>/<name>.png
+    <out>/<subtask>/<name>.txt    "<question> Please answer yes or no.<TAB>Yes|No", one per line
+
+``<name>`` is the sample key made safe as a file name (:func:`tokenflow.storage.safe_name`): a
+key from the data never becomes a path of its own.
 
 Questions keep the sample's order; the suffix and the capitalised answers follow MME's files.
 """
@@ -50,10 +53,14 @@ def write_shapes_mme(out_url: str, samples: Iterable[RawSample], per_subtask: in
             continue
         questions = json.loads(sample.json)["questions"]
         subtask = questions[0]["type"]
+        if subtask not in written:
+            raise ValueError(f"held-out sample {sample.key!r}: question type {subtask!r} is not one of "
+                             f"{', '.join(QUESTION_TYPES)}")
         if written[subtask] >= per_subtask:
             continue
         lines = "".join(f"{q['question']}{QUESTION_SUFFIX}\t{q['answer'].capitalize()}\n" for q in questions)
-        storage.write_bytes_atomic(storage.join(out_url, subtask, f"{sample.key}.png"), _png_bytes(sample.image))
-        storage.write_bytes_atomic(storage.join(out_url, subtask, f"{sample.key}.txt"), lines.encode("utf-8"))
+        name = storage.safe_name(sample.key)
+        storage.write_bytes_atomic(storage.join(out_url, subtask, f"{name}.png"), _png_bytes(sample.image))
+        storage.write_bytes_atomic(storage.join(out_url, subtask, f"{name}.txt"), lines.encode("utf-8"))
         written[subtask] += 1
     return written

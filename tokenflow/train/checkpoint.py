@@ -71,14 +71,54 @@ def saved_world_size(directory: Path) -> int | None:
 def verify_checkpoint(directory: Path, rank: int, world_size: int) -> str | None:
     """Why rank ``rank`` of ``world_size`` cannot resume from ``directory``, or None when the
     files it checks verify. Each rank checks the rank files (and every file they list: present,
-    same size and sha256) of the saving ranks ``rank, rank + world_size, ...``, so together the
-    ranks check all of them, whatever the saving world size was."""
+    same size and sha256, and pickling nothing but tensors and DeepSpeed's own checkpoint
+    classes) of the saving ranks ``rank, rank + world_size, ...``, so together the ranks check
+    all of them, whatever the saving world size was; every rank refuses a file no rank wrote."""
     saved = saved_world_size(directory)
     if saved is None:
         return "rank0.json missing or unreadable"
     for saver in range(rank, saved, world_size):
         if problem := _verify_rank(directory, saver, saved):
             return problem
+    return _unlisted_file(directory, saved)
+
+
+# What DeepSpeed pickles into its checkpoints besides what torch's weights-only unpickler allows
+# (tensors, containers, numbers). DeepSpeed loads its files with full unpickling, so a file that
+# pickles anything else (a function call, any other class) is refused before DeepSpeed reads it.
+DEEPSPEED_PICKLED_CLASSES = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+
+
+def _unsafe_pickle(path: Path) -> str | None:
+    """Why the torch file at ``path`` must not be unpickled, or None."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    try:
+        unsafe = set(get_unsafe_globals_in_checkpoint(str(path))) - DEEPSPEED_PICKLED_CLASSES
+    except Exception as exc:  # not a torch zip archive: a legacy or foreign pickle
+        return f"not a torch checkpoint archive ({type(exc).__name__}: {exc}); refusing to unpickle it"
+    if unsafe:
+        return f"pickles {', '.join(sorted(unsafe))}, which no DeepSpeed checkpoint holds; refusing to unpickle it"
+    return None
+
+
+def _unlisted_file(directory: Path, saved: int) -> str | None:
+    """A file in the checkpoint that no saving rank listed (DeepSpeed globs shard files, so a
+    planted one would be loaded), or None."""
+    listed = {f"rank{r}.json" for r in range(saved)}
+    for r in range(saved):
+        try:
+            listed.update(json.loads((directory / f"rank{r}.json").read_text()).get("files", {}))
+        except (OSError, ValueError):
+            return f"rank{r}.json missing or unreadable"
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and str(path.relative_to(directory)) not in listed:
+            return f"{path.relative_to(directory)} was written by no rank"
     return None
 
 
@@ -102,6 +142,8 @@ def _verify_rank(directory: Path, rank: int, world_size: int) -> str | None:
             return f"{name} has {path.stat().st_size} bytes, {expected['bytes']} were written"
         if file_sha256(path) != expected["sha256"]:
             return f"{name} differs from what was written (sha256)"
+        if path.suffix == ".pt" and (problem := _unsafe_pickle(path)):
+            return f"{name} {problem}"
     return None
 
 
