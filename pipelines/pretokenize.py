@@ -24,7 +24,7 @@ def main() -> None:
     view = cfg.generation_view if args.generation_view else None
     if args.generation_view and view is None:
         parser.error("--generation-view needs train_generator.tokenizer_view in the config")
-    manifest = pretokenize_corpus(corpus, args.tokenizer, args.out, cfg.pretokenize, view)
+    manifest = pretokenize_corpus(corpus, args.tokenizer, args.out, cfg.pretokenize, view, cfg.limits)
     for split, block in manifest["splits"].items():
         print(f"{split}: {block['rows']} tokenized, {block['quarantined']} quarantined")
 

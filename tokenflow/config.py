@@ -278,7 +278,6 @@ class PretokenizeConfig(StrictModel):
     gpus_per_actor: float | Literal["auto"] = Field(
         "auto", description="'auto': 1 when the cluster has GPUs, else 0."
     )
-    max_image_pixels: int = Field(64_000_000, gt=0, description="Larger images are quarantined.")
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
     allow_tf32: bool = False
     max_actor_restarts: int = Field(3, ge=0, description="Restarts of a tokenizer actor whose process "
@@ -397,7 +396,6 @@ class TrainTokenizerConfig(TrainingConfig):
     image_every: int = Field(200, gt=0, description="Held-out reconstruction grid interval.")
     heldout_images: int = Field(8, gt=0)
     augment: AugmentConfig = AugmentConfig()
-    max_image_pixels: int = Field(64_000_000, gt=0)
 
 
 class FinetuneDecoderConfig(TrainTokenizerConfig):
@@ -644,6 +642,29 @@ class WorkflowConfig(StrictModel):
         return self
 
 
+class SampleLimitsConfig(StrictModel):
+    """What one sample of a corpus may cost whichever stage reads it (pretokenize, training,
+    evaluation): past a limit it is quarantined (or counted as skipped) with the limit as its
+    reason, never decoded or parsed further. The reasons are listed in docs/data.md."""
+
+    max_image_pixels: int = Field(64_000_000, gt=0, description="Width x height, read from the "
+                                  "header before any pixel is decoded (reason too_large).")
+    max_image_bytes: int = Field(64 * 2**20, gt=0, description="Encoded image size (reason file_too_large).")
+    max_aspect_ratio: float = Field(50.0, ge=1.0, description="Longer side over shorter side "
+                                    "(reason extreme_aspect).")
+    max_json_bytes: int = Field(1_000_000, gt=0, description="A sample's metadata JSON (reason json_too_large).")
+    max_json_depth: int = Field(32, gt=0, description="Nesting of a sample's metadata JSON, checked "
+                                "before it is parsed (reason json_too_deep).")
+
+    def image_identity(self) -> dict[str, float]:
+        """The limits that decide which images are used (part of a token shard's encoding)."""
+        return {"max_image_pixels": self.max_image_pixels, "max_image_bytes": self.max_image_bytes,
+                "max_aspect_ratio": self.max_aspect_ratio}
+
+
+DEFAULT_LIMITS = SampleLimitsConfig()
+
+
 class TokenFlowConfig(StrictModel):
     """Root of every config file. Sections are added as stages need them."""
 
@@ -655,6 +676,7 @@ class TokenFlowConfig(StrictModel):
     train_generator: TrainGeneratorConfig | None = None
     train_understanding: TrainUnderstandingConfig | None = None
     eval: EvalConfig = EvalConfig()
+    limits: SampleLimitsConfig = SampleLimitsConfig()
     tracking: TrackingConfig = TrackingConfig()
     workflow: WorkflowConfig = WorkflowConfig()
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tokenflow import storage
-from tokenflow.config import PretokenizeConfig
+from tokenflow.config import PretokenizeConfig, SampleLimitsConfig
 from tokenflow.data.manifest import corpus_manifest, index_shard
 from tokenflow.data.shapes import write_shapes_corpus
 from tokenflow.data.token_shards import iter_token_samples, read_table
@@ -73,9 +73,9 @@ def mixed_corpus(tmp_path_factory) -> dict:
 def test_odd_formats_tokenized_broken_quarantined_counts_reconcile(ray_local, mixed_corpus,
                                                                    tiny_tokenizer_path, tmp_path):
     out = str(tmp_path / "tokens")
-    cfg = PretokenizeConfig(batch_size=8, micro_batch=4, num_actors=2, cpus_per_actor=1,
-                            max_image_pixels=4_000_000)
-    manifest = pretokenize_corpus(mixed_corpus, str(tiny_tokenizer_path), out, cfg)
+    cfg = PretokenizeConfig(batch_size=8, micro_batch=4, num_actors=2, cpus_per_actor=1)
+    manifest = pretokenize_corpus(mixed_corpus, str(tiny_tokenizer_path), out, cfg,
+                                  limits=SampleLimitsConfig(max_image_pixels=4_000_000))
     assert_resources_released(ray_local)
     assert verify_token_shards(out) == []
 

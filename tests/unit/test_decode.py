@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from tokenflow.config import SampleLimitsConfig
 from tokenflow.data import decode
 from tokenflow.data.decode import DecodeError, decode_image, preprocess, random_resized_crop, sha256_hex
 
@@ -148,20 +149,27 @@ def test_only_decode_errors_for_damaged_files():
             try:
                 assert decode_image(variant).mode == "RGB"
             except DecodeError as exc:
-                assert exc.reason in {"empty", "truncated", "undecodable", "too_large", "bad_dimensions"}
+                assert exc.reason in {"empty", "truncated", "undecodable", "too_large", "file_too_large",
+                                      "extreme_aspect", "bad_dimensions"}
 
 
-def test_max_pixels_is_checked_before_decoding():
+def test_image_limits_are_checked_before_decoding():
     data = SAMPLES["rgb_png"][0]
-    assert decode_image(data, max_pixels=SIZE * SIZE).size == (SIZE, SIZE)
+    assert decode_image(data, SampleLimitsConfig(max_image_pixels=SIZE * SIZE)).size == (SIZE, SIZE)
     with pytest.raises(DecodeError) as info:
-        decode_image(data, max_pixels=SIZE * SIZE - 1)
+        decode_image(data, SampleLimitsConfig(max_image_pixels=SIZE * SIZE - 1))
     assert info.value.reason == "too_large"
     # The header declares 4000x4000 but holds almost no pixel data: rejected before any decode,
     # so the reason is the budget, not truncation.
     with pytest.raises(DecodeError) as info:
-        decode_image(header_only_png(4000, 4000), max_pixels=1_000_000)
+        decode_image(header_only_png(4000, 4000), SampleLimitsConfig(max_image_pixels=1_000_000))
     assert info.value.reason == "too_large"
+    with pytest.raises(DecodeError) as info:  # a 1 x 20,000 strip: few pixels, but no image to learn from
+        decode_image(header_only_png(20_000, 1))
+    assert info.value.reason == "extreme_aspect"
+    with pytest.raises(DecodeError) as info:
+        decode_image(data, SampleLimitsConfig(max_image_bytes=len(data) - 1))
+    assert info.value.reason == "file_too_large"
 
 
 def test_eps_is_never_opened():

@@ -63,9 +63,9 @@ ALL = {"corpus", "train_tokenizer", "eval_reconstruction", "pretokenize", "train
     # included where it is used: inference settings belong to the evaluations
     ("train_generator.sampling.cfg_scale=1.5", {"eval_generation"}),
     ("train_understanding.max_new_tokens=3", {"eval_understanding"}),
-    # included: the resolved device
-    ("train_generator.use_gpu=true", {"train_generator", "eval_generation"}),
-    ("eval.device=cuda", {"eval_reconstruction", "eval_generation", "eval_understanding"}),
+    # the resolved device counts, not the setting: auto already resolved to the CPU here
+    ("train_generator.use_gpu=false", set()),
+    ("eval.device=cpu", set()),
     # excluded: logging, checkpoint rhythm, held-out probes, worker packing, tracking
     ("train_tokenizer.log_every=7", set()),
     ("train_tokenizer.checkpoint_every=9", set()),

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from tokenflow.config import DEFAULT_LIMITS, SampleLimitsConfig
+
 # Formats never opened: Pillow's EPS reader runs Ghostscript on the file.
 _BLOCKED_FORMATS = frozenset({"EPS"})
 _WHITE = (255, 255, 255)
@@ -22,7 +24,8 @@ _WHITE = (255, 255, 255)
 
 class DecodeError(ValueError):
     """Bytes that cannot become an image; ``reason`` is one of ``empty``, ``truncated``,
-    ``undecodable``, ``too_large``, ``bad_dimensions``; ``str(exc)`` is the human message."""
+    ``undecodable``, ``too_large``, ``file_too_large``, ``extreme_aspect``, ``bad_dimensions``;
+    ``str(exc)`` is the human message."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -90,15 +93,18 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, max_pixels: int = 64_000_000) -> Image.Image:
+def decode_image(data: bytes, limits: SampleLimitsConfig = DEFAULT_LIMITS) -> Image.Image:
     """Decode image bytes to an RGB image, honouring EXIF orientation; first frame if animated.
 
-    The pixel budget is checked from the header before any pixel is decoded. Pillow's own
-    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, doubled) still applies on top and is
-    reported as ``too_large`` too. Raises :class:`DecodeError` for every kind of bad input.
+    The size in bytes, and the pixel count and aspect ratio from the header, are checked against
+    ``limits`` before any pixel is decoded. Pillow's own decompression-bomb limit
+    (``Image.MAX_IMAGE_PIXELS``, doubled) still applies on top and is reported as ``too_large``
+    too. Raises :class:`DecodeError` for every kind of bad input.
     """
     if not data:
         raise DecodeError("empty", "no image bytes")
+    if len(data) > limits.max_image_bytes:
+        raise DecodeError("file_too_large", f"{len(data)} bytes exceed max_image_bytes={limits.max_image_bytes}")
     stream = _StrictBytesIO(data)
     try:
         image = Image.open(stream, formats=_open_formats())
@@ -107,8 +113,10 @@ def decode_image(data: bytes, max_pixels: int = 64_000_000) -> Image.Image:
     width, height = image.size
     if width <= 0 or height <= 0:
         raise DecodeError("bad_dimensions", f"{image.format} image has size {width}x{height}")
-    if width * height > max_pixels:
-        raise DecodeError("too_large", f"{width}x{height} exceeds max_pixels={max_pixels}")
+    if width * height > limits.max_image_pixels:
+        raise DecodeError("too_large", f"{width}x{height} exceeds max_image_pixels={limits.max_image_pixels}")
+    if max(width, height) / min(width, height) > limits.max_aspect_ratio:
+        raise DecodeError("extreme_aspect", f"{width}x{height} exceeds max_aspect_ratio={limits.max_aspect_ratio:g}")
     stream.armed = ImageFile.LOAD_TRUNCATED_IMAGES
     try:
         image.load()

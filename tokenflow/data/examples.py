@@ -9,12 +9,14 @@ example are counted by the caller, never dropped silently.
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
 
+from tokenflow.config import DEFAULT_LIMITS, SampleLimitsConfig
+from tokenflow.data.sample_json import SampleJSONError, parse_sample_object
 from tokenflow.data.token_shards import TokenSample, iter_token_samples
 from tokenflow.models.text import CAPTION_PROMPT, chat_answer, chat_prompt
 
@@ -35,17 +37,16 @@ class ChatExample:
     turns: tuple[Turn, ...]
 
 
-def conversation_turns(raw_json: str | None) -> list[Turn]:
-    """(human, gpt) pairs of a LLaVA ``conversations`` list, ``<image>`` markers removed."""
+def conversation(raw_json: str | None, limits: SampleLimitsConfig = DEFAULT_LIMITS) -> tuple[list[Turn], str | None]:
+    """(human, gpt) pairs of a LLaVA ``conversations`` list, ``<image>`` markers removed, and
+    when there are none, why: ``no_json``, a :class:`SampleJSONError` reason, or ``no_turns``."""
     if not raw_json:
-        return []
+        return [], "no_json"
     try:
-        record = json.loads(raw_json)
-    except json.JSONDecodeError:
-        return []
-    messages = record.get("conversations") if isinstance(record, dict) else None
-    if not isinstance(messages, list):
-        return []
+        record = parse_sample_object(raw_json, {"conversations": list}, limits)
+    except SampleJSONError as exc:
+        return [], exc.reason
+    messages = record["conversations"]
     turns = []
     for human, gpt in zip(messages[::2], messages[1::2]):
         if not (isinstance(human, dict) and isinstance(gpt, dict)):
@@ -53,7 +54,12 @@ def conversation_turns(raw_json: str | None) -> list[Turn]:
         if human.get("from") == "human" and gpt.get("from") == "gpt":
             question = str(human.get("value", "")).replace("<image>", "").strip()
             turns.append((question, str(gpt.get("value", "")).strip()))
-    return turns
+    return turns, None if turns else "no_turns"
+
+
+def conversation_turns(raw_json: str | None, limits: SampleLimitsConfig = DEFAULT_LIMITS) -> list[Turn]:
+    """The turns of :func:`conversation` (none for unusable metadata)."""
+    return conversation(raw_json, limits)[0]
 
 
 def generation_example(sample: TokenSample) -> GenerationExample:
@@ -65,8 +71,9 @@ def caption_examples(sample: TokenSample) -> list[ChatExample]:
     return [ChatExample(sample.key, sample.tokens, ((CAPTION_PROMPT, caption),))] if caption else []
 
 
-def conversation_examples(sample: TokenSample, split_turns: bool) -> list[ChatExample]:
-    turns = conversation_turns(sample.json)
+def conversation_examples(sample: TokenSample, split_turns: bool,
+                          limits: SampleLimitsConfig = DEFAULT_LIMITS) -> list[ChatExample]:
+    turns = conversation_turns(sample.json, limits)
     if not turns:
         return []
     if split_turns:
@@ -78,6 +85,12 @@ def yes_no_turns(sample: TokenSample) -> list[Turn]:
     """The sample's turns answered yes or no (the held-out understanding probe)."""
     return [(q, a) for q, a in conversation_turns(sample.json)
             if a.lower().rstrip(".") in ("yes", "no")]
+
+
+def conversation_problems(urls: Iterable[str], limits: SampleLimitsConfig = DEFAULT_LIMITS) -> Counter[str]:
+    """How many rows of the token shards give no conversation, by reason, and ``usable`` for
+    the rows that do."""
+    return Counter(conversation(sample.json, limits)[1] or "usable" for sample in iter_token_samples(urls))
 
 
 def training_texts(urls: Iterable[str]) -> Iterator[str]:

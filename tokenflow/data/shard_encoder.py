@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 
 from tokenflow import storage
-from tokenflow.config import TokenizerView, config_hash
+from tokenflow.config import DEFAULT_LIMITS, SampleLimitsConfig, TokenizerView, config_hash
 from tokenflow.data.corpus import iter_shard
 from tokenflow.data.decode import DecodeError, decode_image, preprocess, sha256_hex
 from tokenflow.data.manifest import ShardRecord
@@ -42,9 +42,12 @@ def quarantine_part_url(out_url: str, split: str, shard_name: str) -> str:
     return storage.join(out_url, "_quarantine", split, f"{stem}.parquet")
 
 
-def encoding_hash(tokenizer_digest: str, micro_batch: int, view: TokenizerView | None = None) -> str:
-    """Identity of an encoding: equal hashes give equal tokens for equal image bytes."""
-    identity = {"tokenizer": tokenizer_digest, "micro_batch": micro_batch, "preprocess": PREPROCESS_VERSION}
+def encoding_hash(tokenizer_digest: str, micro_batch: int, view: TokenizerView | None = None,
+                  limits: SampleLimitsConfig = DEFAULT_LIMITS) -> str:
+    """Identity of an encoding: equal hashes give equal tokens for equal image bytes (and
+    quarantine the same images)."""
+    identity = {"tokenizer": tokenizer_digest, "micro_batch": micro_batch, "preprocess": PREPROCESS_VERSION,
+                "limits": limits.image_identity()}
     if view is not None:
         identity["view"] = view.model_dump(mode="json")
     return config_hash(identity)
@@ -66,7 +69,7 @@ class ShardEncoder:
     """Holds one tokenizer; turns whole corpus shards into token shards, idempotently."""
 
     def __init__(self, tokenizer_url: str, out_url: str, batch_size: int, micro_batch: int,
-                 device: str = "cpu", max_pixels: int = 64_000_000, compression: str = "zstd",
+                 device: str = "cpu", limits: SampleLimitsConfig = DEFAULT_LIMITS, compression: str = "zstd",
                  allow_tf32: bool = False, cache_dir: str = storage.CACHE_ROOT,
                  view: TokenizerView | None = None):
         path = storage.local_path(tokenizer_url, cache_dir)
@@ -78,9 +81,9 @@ class ShardEncoder:
         self.batch_size = batch_size
         self.micro_batch = micro_batch
         self.device = torch.device(device)
-        self.max_pixels = max_pixels
+        self.limits = limits
         self.compression = compression
-        self.encoding_hash = encoding_hash(self.tokenizer_digest, micro_batch, view)
+        self.encoding_hash = encoding_hash(self.tokenizer_digest, micro_batch, view, limits)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = allow_tf32
             torch.backends.cudnn.allow_tf32 = allow_tf32
@@ -139,7 +142,7 @@ class ShardEncoder:
                 quarantine.append((sample.key, sample.problem))
                 continue
             try:
-                image = decode_image(sample.image, max_pixels=self.max_pixels)
+                image = decode_image(sample.image, self.limits)
             except DecodeError as exc:
                 quarantine.append((sample.key, f"{exc.reason}: {exc}"))
                 continue

@@ -23,7 +23,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from tokenflow import storage
-from tokenflow.config import SamplingConfig, TokenizerConfig
+from tokenflow.config import DEFAULT_LIMITS, SampleLimitsConfig, SamplingConfig, TokenizerConfig
 from tokenflow.data.decode import DecodeError, decode_image, preprocess
 from tokenflow.eval.geneval import (ColorClassifier, GenEvalPrompt, GenEvalRules, ImageResult, ObjectDetector,
                                     score_image)
@@ -138,7 +138,7 @@ def generate_and_score(model: NextScaleGenerator, tok: PreTrainedTokenizerBase, 
 
 def score_reconstructions(tokenizer: TokenFlowTokenizer, sources: Sequence[bytes], prompts: Sequence[GenEvalPrompt],
                           detector: ObjectDetector, color_classifier: ColorClassifier, rules: GenEvalRules,
-                          batch_size: int = 32) -> list[ImageResult]:
+                          batch_size: int = 32, limits: SampleLimitsConfig = DEFAULT_LIMITS) -> list[ImageResult]:
     """Each prompt scored on the tokenizer's reconstruction of its source image (encoded bytes):
     what a generator that reproduced the images exactly would score through this tokenizer. A
     source that cannot be decoded scores 0 with the reason."""
@@ -147,7 +147,7 @@ def score_reconstructions(tokenizer: TokenFlowTokenizer, sources: Sequence[bytes
     decoded: dict[int, torch.Tensor] = {}
     for i, (source, prompt) in enumerate(zip(sources, prompts, strict=True)):
         try:
-            decoded[i] = preprocess(decode_image(source), size)
+            decoded[i] = preprocess(decode_image(source, limits), size)
         except DecodeError as exc:
             results[i] = ImageResult(prompt.tag, prompt.prompt, False, f"source image: {exc.reason}")
     order = list(decoded)

@@ -21,12 +21,15 @@ a tag never repeats a prompt text.
 
 from __future__ import annotations
 
-import json
+import logging
 from typing import Any, Iterable, Mapping, TypeVar
 
 from tokenflow.data.corpus import RawSample
+from tokenflow.data.sample_json import SampleJSONError, parse_sample_object
 from tokenflow.data.shapes import Scene, SceneObject, caption, spatial_relation
 from tokenflow.eval.geneval import TAGS, Exclude, GenEvalPrompt, Include, relative_position, write_metadata
+
+log = logging.getLogger(__name__)
 
 S = TypeVar("S")
 
@@ -85,6 +88,19 @@ def shapes_geneval_prompts(scenes: Iterable[Scene], per_tag: int) -> list[GenEva
     return [prompt for _, prompt in _select(((None, scene) for scene in scenes), per_tag)]
 
 
+def _scenes(samples: Iterable[RawSample]) -> Iterable[tuple[RawSample, Scene]]:
+    """Each sample with the scene of its ``.json`` record; a sample without a usable record is
+    skipped with a warning that says why."""
+    for sample in samples:
+        if not sample.json:
+            continue
+        try:
+            yield sample, scene_from_record(parse_sample_object(sample.json, {"objects": list}))
+        except (SampleJSONError, KeyError, TypeError, ValueError) as exc:  # SampleJSONError is a ValueError
+            log.warning("held-out sample %r has no usable scene record (%s): %r", sample.key,
+                        getattr(exc, "reason", "json_schema"), exc)
+
+
 def write_shapes_geneval_prompts(out_url: str, samples: Iterable[RawSample],
                                  per_tag: int) -> list[tuple[RawSample, GenEvalPrompt]]:
     """Write the prompt set built from held-out shapes samples as GenEval metadata JSONL; returns
@@ -93,6 +109,6 @@ def write_shapes_geneval_prompts(out_url: str, samples: Iterable[RawSample],
     ``samples`` are the held-out split's records (e.g. :func:`tokenflow.data.corpus.iter_shard`
     over its shards); the corpus seed fixes them, so the same corpus gives the same file.
     """
-    sourced = _select(((s, scene_from_record(json.loads(s.json))) for s in samples if s.json), per_tag)
+    sourced = _select(_scenes(samples), per_tag)
     write_metadata(out_url, [prompt for _, prompt in sourced])
     return sourced

@@ -16,14 +16,17 @@ Questions keep the sample's order; the suffix and the capitalised answers follow
 from __future__ import annotations
 
 import io
-import json
+import logging
 from typing import Iterable
 
 from PIL import Image
 
 from tokenflow import storage
 from tokenflow.data.corpus import RawSample
+from tokenflow.data.sample_json import SampleJSONError, parse_sample_object
 from tokenflow.data.shapes import QUESTION_TYPES, encode_png
+
+log = logging.getLogger(__name__)
 
 QUESTION_SUFFIX = " Please answer yes or no."
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -51,14 +54,20 @@ def write_shapes_mme(out_url: str, samples: Iterable[RawSample], per_subtask: in
             break
         if sample.image is None or not sample.json:
             continue
-        questions = json.loads(sample.json)["questions"]
-        subtask = questions[0]["type"]
-        if subtask not in written:
-            raise ValueError(f"held-out sample {sample.key!r}: question type {subtask!r} is not one of "
-                             f"{', '.join(QUESTION_TYPES)}")
+        try:
+            questions = parse_sample_object(sample.json, {"questions": list})["questions"]
+            subtask = questions[0]["type"]
+            lines = "".join(f"{q['question']}{QUESTION_SUFFIX}\t{q['answer'].capitalize()}\n" for q in questions)
+        except (SampleJSONError, IndexError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("held-out sample %r has no usable questions (%s): %r", sample.key,
+                        getattr(exc, "reason", "json_schema"), exc)
+            continue
+        if subtask not in QUESTION_TYPES:
+            log.warning("held-out sample %r: question type %r is not one of %s", sample.key, subtask,
+                        ", ".join(QUESTION_TYPES))
+            continue
         if written[subtask] >= per_subtask:
             continue
-        lines = "".join(f"{q['question']}{QUESTION_SUFFIX}\t{q['answer'].capitalize()}\n" for q in questions)
         name = storage.safe_name(sample.key)
         storage.write_bytes_atomic(storage.join(out_url, subtask, f"{name}.png"), _png_bytes(sample.image))
         storage.write_bytes_atomic(storage.join(out_url, subtask, f"{name}.txt"), lines.encode("utf-8"))

@@ -125,6 +125,7 @@ def run_eval_generation(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any], g
                  title=GRID_LEGEND.format(model="untrained generator (baseline)"))
         metrics = with_baseline(_geneval_metrics(generations), _geneval_metrics(base_generations))
         if sources:  # shapes: the ceiling this tokenizer leaves a generator
-            reference = score_reconstructions(tokenizer, sources, prompts, detector, classifier, rules)
+            reference = score_reconstructions(tokenizer, sources, prompts, detector, classifier, rules,
+                                              limits=cfg.limits)
             metrics.update({REFERENCE + k: v for k, v in summarize(reference).metrics().items()})
         return finish_evaluation(run, metrics, "overall", benchmark=g.benchmark, prompts=PROMPTS_NAME)

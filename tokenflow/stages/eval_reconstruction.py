@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import torch
 
-from tokenflow.config import TokenFlowConfig
+from tokenflow.config import SampleLimitsConfig, TokenFlowConfig
 from tokenflow.data.decode import DecodeError, decode_image, preprocess
 from tokenflow.data.manifest import content_digest
 from tokenflow.eval.reconstruction import evaluate_reconstruction
@@ -31,7 +31,8 @@ RECONSTRUCTION_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()),
 
 
 def _heldout_batches(corpus_manifest: dict[str, Any], size: int, batch_size: int, max_images: int | None,
-                     seen: list[dict[str, Any]]) -> Iterator[tuple[list[str], torch.Tensor]]:
+                     seen: list[dict[str, Any]],
+                     limits: SampleLimitsConfig) -> Iterator[tuple[list[str], torch.Tensor]]:
     """Batches of decoded held-out images preprocessed to ``size``; every sample read is
     appended to ``seen`` as ``{key, shard, error}`` (error: why it could not be used, else None)."""
     keys: list[str] = []
@@ -43,7 +44,7 @@ def _heldout_batches(corpus_manifest: dict[str, Any], size: int, batch_size: int
         error = sample.problem
         if error is None:
             try:
-                images.append(preprocess(decode_image(sample.image or b""), size))
+                images.append(preprocess(decode_image(sample.image or b"", limits), size))
             except DecodeError as exc:
                 error = exc.reason
         seen.append({"key": sample.key, "shard": shard, "error": error})
@@ -85,9 +86,9 @@ def run_eval_reconstruction(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any
             run.tag("tokenflow.skipped.rfid", skipped["rfid"])
         seen: list[dict[str, Any]] = []
         report = evaluate_reconstruction(
-            tokenizer, _heldout_batches(corpus_manifest, size, r.batch_size, r.max_images, seen), extractor)
+            tokenizer, _heldout_batches(corpus_manifest, size, r.batch_size, r.max_images, seen, cfg.limits), extractor)
         base = evaluate_reconstruction(
-            baseline, _heldout_batches(corpus_manifest, size, r.batch_size, r.max_images, []), extractor)
+            baseline, _heldout_batches(corpus_manifest, size, r.batch_size, r.max_images, [], cfg.limits), extractor)
         undecodable = [s for s in seen if s["error"] is not None]
         if undecodable:
             log.warning("%d held-out samples could not be decoded (listed in %s)", len(undecodable), RESULTS_NAME)
@@ -102,7 +103,7 @@ def run_eval_reconstruction(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any
             rows.append(row)
         write_results(run, scratch, rows, RECONSTRUCTION_SCHEMA)
 
-        _, first = next(_heldout_batches(corpus_manifest, size, GRID_IMAGES, None, []))
+        _, first = next(_heldout_batches(corpus_manifest, size, GRID_IMAGES, None, [], cfg.limits))
         first = first.to(device)
         log_grid(run, scratch, "reconstructions.png",
                  [first, tokenizer.decode_indices(tokenizer.encode(first)),

@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokenflow import storage
-from tokenflow.config import PretokenizeConfig, TokenFlowConfig, TokenizerView
+from tokenflow.config import (DEFAULT_LIMITS, PretokenizeConfig, SampleLimitsConfig, TokenFlowConfig,
+                              TokenizerView)
 from tokenflow.data.manifest import MANIFEST_NAME, ShardRecord, content_digest, file_digest, shard_records
 from tokenflow.data.shard_encoder import (ShardEncoder, encoding_hash, quarantine_part_url,
                                           token_shard_url)
@@ -78,7 +79,7 @@ def run_pretokenize(cfg: TokenFlowConfig, stage: str, corpus_manifest: dict[str,
                   + (f" at {view.image_size} px, scales {list(view.scales)}" if view is not None else "")
                   + "; undecodable samples are quarantined.") as run:
         manifest, per_node = encode_corpus(corpus_manifest, tokenizer_url, inputs["tokenizer"], out_url,
-                                           cfg.pretokenize, view)
+                                           cfg.pretokenize, view, cfg.limits)
         run.metrics({f"{split}/{key}": float(block[key]) for split, block in manifest["splits"].items()
                      for key in ("rows", "quarantined")})
         run.tag("tokenflow.shards_per_node", json.dumps(per_node, sort_keys=True))
@@ -86,10 +87,12 @@ def run_pretokenize(cfg: TokenFlowConfig, stage: str, corpus_manifest: dict[str,
 
 
 def pretokenize_corpus(corpus_manifest: dict[str, Any], tokenizer_url: str, out_url: str,
-                       cfg: PretokenizeConfig, view: TokenizerView | None = None) -> dict[str, Any]:
+                       cfg: PretokenizeConfig, view: TokenizerView | None = None,
+                       limits: SampleLimitsConfig = DEFAULT_LIMITS) -> dict[str, Any]:
     """Tokenize every shard of every split of a corpus into ``out_url`` (with the tokenizer at
     ``view`` when given); writes and returns the manifest."""
-    manifest, _ = encode_corpus(corpus_manifest, tokenizer_url, _tokenizer_digest(tokenizer_url), out_url, cfg, view)
+    manifest, _ = encode_corpus(corpus_manifest, tokenizer_url, _tokenizer_digest(tokenizer_url), out_url, cfg, view,
+                                limits)
     storage.write_json_atomic(storage.join(out_url, MANIFEST_NAME), manifest)
     return manifest
 
@@ -113,7 +116,8 @@ def _lost_to_the_cluster(exc: BaseException) -> bool:
 
 
 def encode_corpus(corpus_manifest: dict[str, Any], tokenizer_url: str, tokenizer_digest: str, out_url: str,
-                  cfg: PretokenizeConfig, view: TokenizerView | None = None) -> tuple[dict[str, Any], dict[str, int]]:
+                  cfg: PretokenizeConfig, view: TokenizerView | None = None,
+                  limits: SampleLimitsConfig = DEFAULT_LIMITS) -> tuple[dict[str, Any], dict[str, int]]:
     """Encode every shard not yet encoded with the tokenizer export at ``tokenizer_url`` (sha256
     ``tokenizer_digest``), then reconcile them all; returns the manifest (not yet written) and
     how many shards each Ray node encoded in the attempt that completed.
@@ -126,7 +130,7 @@ def encode_corpus(corpus_manifest: dict[str, Any], tokenizer_url: str, tokenizer
              for r in shard_records(corpus_manifest, split)]
     for attempt in range(1, cfg.max_attempts + 1):
         try:
-            per_node = _encode_attempt(items, tokenizer_url, out_url, cfg, view)
+            per_node = _encode_attempt(items, tokenizer_url, out_url, cfg, view, limits)
             break
         except Exception as exc:
             if not _lost_to_the_cluster(exc):
@@ -139,11 +143,11 @@ def encode_corpus(corpus_manifest: dict[str, Any], tokenizer_url: str, tokenizer
                         "yet written run again in %.0fs", attempt, cfg.max_attempts, type(exc).__name__,
                         str(exc).splitlines()[0], cfg.retry_wait_s)
             time.sleep(cfg.retry_wait_s)
-    return finalize(corpus_manifest, out_url, tokenizer_digest, cfg, view), per_node
+    return finalize(corpus_manifest, out_url, tokenizer_digest, cfg, view, limits), per_node
 
 
 def _encode_attempt(items: list[dict[str, Any]], tokenizer_url: str, out_url: str, cfg: PretokenizeConfig,
-                    view: TokenizerView | None) -> dict[str, int]:
+                    view: TokenizerView | None, limits: SampleLimitsConfig) -> dict[str, int]:
     """One run of the actor pool over every shard (written ones are skipped); the number of
     shards each node encoded."""
     import ray
@@ -156,7 +160,7 @@ def _encode_attempt(items: list[dict[str, Any]], tokenizer_url: str, out_url: st
         _EncoderActor,
         fn_constructor_kwargs=dict(
             tokenizer_url=tokenizer_url, out_url=out_url, batch_size=cfg.batch_size,
-            micro_batch=cfg.micro_batch, max_pixels=cfg.max_image_pixels,
+            micro_batch=cfg.micro_batch, limits=limits,
             compression=cfg.compression, allow_tf32=cfg.allow_tf32, use_gpu=gpus > 0, view=view),
         batch_size=1,
         concurrency=cfg.num_actors,
@@ -187,7 +191,8 @@ def _encode_attempt(items: list[dict[str, Any]], tokenizer_url: str, out_url: st
 
 
 def finalize(corpus_manifest: dict[str, Any], out_url: str, tokenizer_digest: str,
-             cfg: PretokenizeConfig, view: TokenizerView | None = None) -> dict[str, Any]:
+             cfg: PretokenizeConfig, view: TokenizerView | None = None,
+             limits: SampleLimitsConfig = DEFAULT_LIMITS) -> dict[str, Any]:
     """Reconcile every shard with the corpus (each made by the tokenizer of sha256
     ``tokenizer_digest``) and merge the quarantine; returns the manifest."""
     splits: dict[str, Any] = {}
@@ -229,7 +234,7 @@ def finalize(corpus_manifest: dict[str, Any], out_url: str, tokenizer_digest: st
         "kind": "token_shards",
         "schema_version": SCHEMA_VERSION,
         "inputs": {"corpus_manifest": content_digest(corpus_manifest), "tokenizer": tokenizer_digest},
-        "encoding_hash": encoding_hash(tokenizer_digest, cfg.micro_batch, view),
+        "encoding_hash": encoding_hash(tokenizer_digest, cfg.micro_batch, view, limits),
         "tokenizer_view": view.model_dump(mode="json") if view is not None else None,
         "scales": list(first_info.scales) if first_info else [],
         "codebook_size": first_info.codebook_size if first_info else None,

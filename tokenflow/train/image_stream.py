@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tokenflow.config import DEFAULT_LIMITS, SampleLimitsConfig
 from tokenflow.data.corpus import RawSample, iter_shard
 from tokenflow.data.decode import DecodeError, decode_image, random_resized_crop
 from tokenflow.data.manifest import ShardRecord
@@ -32,9 +33,9 @@ class ImageStream:
     """Endless per-worker iterator of [3, S, S] training images in [0, 1]."""
 
     def __init__(self, shards: list[ShardRecord], rank: int, world_size: int, seed: int,
-                 image_size: int, min_scale: float = 0.8, max_pixels: int = 64_000_000):
+                 image_size: int, min_scale: float = 0.8, limits: SampleLimitsConfig = DEFAULT_LIMITS):
         self.shards, self.rank = shards, rank
-        self.seed, self.image_size, self.min_scale, self.max_pixels = seed, image_size, min_scale, max_pixels
+        self.seed, self.image_size, self.min_scale, self.limits = seed, image_size, min_scale, limits
         self.quarantined: list[QuarantinedSample] = []
         self.stream: ShardedStream[RawSample] = ShardedStream(
             len(shards), lambda i: list(iter_shard(shards[i].url)), rank, world_size, seed)
@@ -51,7 +52,7 @@ class ImageStream:
         try:
             if sample.problem is not None:
                 raise DecodeError(sample.problem, sample.problem)
-            return random_resized_crop(decode_image(sample.image, self.max_pixels), self.image_size,
+            return random_resized_crop(decode_image(sample.image, self.limits), self.image_size,
                                        rng, self.min_scale)
         except DecodeError as exc:
             self.quarantined.append(QuarantinedSample(sample.key, shard, exc.reason))

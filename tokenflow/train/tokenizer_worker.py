@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from tokenflow import storage
+from tokenflow.config import SampleLimitsConfig
 from tokenflow.data.corpus import iter_shard
 from tokenflow.data.decode import DecodeError, decode_image, preprocess
 from tokenflow.data.manifest import ShardRecord
@@ -43,14 +44,15 @@ from tokenflow.train.sharded_stream import resharded
 log = logging.getLogger(__name__)
 
 
-def heldout_images(records: list[ShardRecord], count: int, image_size: int) -> torch.Tensor:
+def heldout_images(records: list[ShardRecord], count: int, image_size: int,
+                   limits: SampleLimitsConfig) -> torch.Tensor:
     """The first ``count`` decodable held-out images, centre-cropped: the same on every rank."""
     images = []
     for record in records:
         for sample in iter_shard(record.url):
             if sample.problem is None:
                 try:
-                    images.append(preprocess(decode_image(sample.image), image_size))
+                    images.append(preprocess(decode_image(sample.image, limits), image_size))
                 except DecodeError:
                     continue
             if len(images) == count:
@@ -99,9 +101,9 @@ class TokenizerTask:
         self.dis = make_engine(disc, torch.optim.Adam(disc.parameters(), lr=t.lr, betas=t.betas), ds_cfg)  # constant lr
         self.engines = {"generator": self.gen, "discriminator": self.dis}
         self.rates: dict[str, float] = {}
-        self.stream = ImageStream(job.train_shards, rank, world, t.seed, tok.image_size, t.augment.min_scale,
-                                  t.max_image_pixels)
-        self.heldout = heldout_images(job.heldout_shards, t.heldout_images, tok.image_size).to(device)
+        limits = cfg.limits
+        self.stream = ImageStream(job.train_shards, rank, world, t.seed, tok.image_size, t.augment.min_scale, limits)
+        self.heldout = heldout_images(job.heldout_shards, t.heldout_images, tok.image_size, limits).to(device)
         self.baseline_psnr = float(psnr(mean_color_baseline(self.heldout), self.heldout).mean())
 
     def micro_step(self, step: int, micro: int) -> dict[str, float]:

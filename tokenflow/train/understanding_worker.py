@@ -75,7 +75,8 @@ class UnderstandingTask:
         self.engine = engine_for(self.model, t, trainable, lr, self.steps)
         self.engines = {"model": self.engine}
         self.rates: dict[str, float] = {}
-        expand = caption_examples if self.align else partial(conversation_examples, split_turns=t.split_turns)
+        expand = caption_examples if self.align else partial(conversation_examples, split_turns=t.split_turns,
+                                                             limits=job.config.limits)
         self.stream = example_stream(job.train_urls, expand, rank, world, t.seed)
         self.probes = [(e.tokens, q, a) for e in first_examples(job.heldout_urls, _probe_examples,
                                                                  t.heldout_questions) for q, a in e.turns]

@@ -166,49 +166,51 @@ def stages(cfg: TokenFlowConfig) -> tuple[StageSpec, ...]:
     tokenizer_excluded = ("image_every", "heldout_images")
     specs = [StageSpec("corpus", (), ("corpus",), _STAGES + "corpus", _corpus, libraries=CORPUS_LIBRARIES,
                        sources=_corpus_sources),
-             StageSpec("train_tokenizer", ("corpus",), ("tokenizer", "train_tokenizer"), _STAGES + "train_tokenizer",
-                       _train_tokenizer, _excluded("train_tokenizer", *tokenizer_excluded), "train_tokenizer",
-                       TRAINING_LIBRARIES)]
+             StageSpec("train_tokenizer", ("corpus",), ("tokenizer", "train_tokenizer", "limits"),
+                       _STAGES + "train_tokenizer", _train_tokenizer, _excluded("train_tokenizer", *tokenizer_excluded),
+                       "train_tokenizer", TRAINING_LIBRARIES)]
     if cfg.finetune_decoder is not None:  # built from the trained export with the pipeline's loss settings
         specs.append(StageSpec("finetune_decoder", ("corpus", "train_tokenizer"),
                                ("finetune_decoder", "tokenizer.perceptual", "tokenizer.discriminator",
-                                "tokenizer.loss_weights"), _STAGES + "train_tokenizer", _finetune_decoder,
+                                "tokenizer.loss_weights", "limits"), _STAGES + "train_tokenizer", _finetune_decoder,
                                _excluded("finetune_decoder", *tokenizer_excluded), "finetune_decoder",
                                TRAINING_LIBRARIES))
     pretokenize_excluded = tuple(f"pretokenize.{k}" for k in ("batch_size", "num_actors", "cpus_per_actor",
                                                               "gpus_per_actor", "max_actor_restarts",
                                                               "max_task_retries", "max_attempts",
                                                               "retry_wait_s"))
-    specs += [StageSpec("eval_reconstruction", decoding, ("eval.reconstruction", "eval.seed"),
+    specs += [StageSpec("eval_reconstruction", decoding, ("eval.reconstruction", "eval.seed", "limits"),
                         _STAGES + "eval_reconstruction", partial(_eval_reconstruction, decoder=decoder), device="eval"),
-              StageSpec("pretokenize", ("corpus", "train_tokenizer"), ("pretokenize",), _STAGES + "pretokenize",
-                        _pretokenize, pretokenize_excluded, "pretokenize")]
+              StageSpec("pretokenize", ("corpus", "train_tokenizer"), ("pretokenize", "limits"),
+                        _STAGES + "pretokenize", _pretokenize, pretokenize_excluded, "pretokenize")]
     gen = cfg.train_generator
     if gen is not None:
         tokens = "pretokenize"
         if cfg.generation_view is not None:
             tokens = "pretokenize_generation"
             specs.append(StageSpec(tokens, ("corpus", "train_tokenizer"),
-                                   ("pretokenize", "train_generator.tokenizer_view"), _STAGES + "pretokenize",
+                                   ("pretokenize", "train_generator.tokenizer_view", "limits"), _STAGES + "pretokenize",
                                    partial(_pretokenize, for_generation=True), pretokenize_excluded, "pretokenize"))
-        specs.append(StageSpec("train_generator", (tokens, "train_tokenizer"), ("train_generator",),
+        specs.append(StageSpec("train_generator", (tokens, "train_tokenizer"), ("train_generator", "limits"),
                                _STAGES + "train_generator", partial(_train_generator, tokens=tokens),
                                _excluded("train_generator", "eval_every", "heldout_samples", "sample_prompts",
                                          "sampling"), "train_generator", TRAINING_LIBRARIES))
     if cfg.train_understanding is not None:
-        specs.append(StageSpec("train_understanding", ("pretokenize", "train_tokenizer"), ("train_understanding",),
+        specs.append(StageSpec("train_understanding", ("pretokenize", "train_tokenizer"),
+                               ("train_understanding", "limits"),
                                _STAGES + "train_understanding", _train_understanding,
                                _excluded("train_understanding", "eval_every", "heldout_questions", "max_new_tokens"),
                                "train_understanding", TRAINING_LIBRARIES))
     if gen is not None:  # sampling is inference: it belongs to the evaluation, not to the training
         specs.append(StageSpec("eval_generation", decoding + ("train_generator",),
                                ("eval.generation", "eval.seed", "train_generator.sampling",
-                                "train_generator.tokenizer_view", "train_generator.language_model.max_text_tokens"),
+                                "train_generator.tokenizer_view", "train_generator.language_model.max_text_tokens",
+                                "limits"),
                                _STAGES + "eval_generation", partial(_eval_generation, decoder=decoder), device="eval"))
     if cfg.train_understanding is not None:
         specs.append(StageSpec("eval_understanding", ("corpus", "train_tokenizer", "train_understanding"),
                                ("eval.understanding", "eval.seed", "train_understanding.max_new_tokens",
-                                "train_understanding.language_model.max_text_tokens"),
+                                "train_understanding.language_model.max_text_tokens", "limits"),
                                _STAGES + "eval_understanding", _eval_understanding, device="eval"))
     return tuple(specs)
 

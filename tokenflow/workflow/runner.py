@@ -78,7 +78,8 @@ def plan(cfg: TokenFlowConfig, storage_root: str, only: str | None = None, start
     unmet = [reason for spec in specs if spec.name in selected
              if (reason := unmet_gpu_demand(spec, cfg, env)) is not None]
     if unmet:
-        raise PlanError("; ".join(unmet) + " (set it to auto or false/0, or run on a cluster with GPUs)")
+        raise PlanError("; ".join(dict.fromkeys(unmet)) + " (set it to auto or false/0, or run on a cluster with "
+                        "GPUs)")
     data = cfg.model_dump(mode="json")
     complete: dict[str, StageOutput] = {}
     out = []
