@@ -655,6 +655,9 @@ class SampleLimitsConfig(StrictModel):
     max_json_bytes: int = Field(1_000_000, gt=0, description="A sample's metadata JSON (reason json_too_large).")
     max_json_depth: int = Field(32, gt=0, description="Nesting of a sample's metadata JSON, checked "
                                 "before it is parsed (reason json_too_deep).")
+    max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0, description="Share of a corpus's samples "
+                                           "that may be quarantined before pre-tokenization fails with the "
+                                           "most frequent reasons (a corpus with no usable sample always fails).")
 
     def image_identity(self) -> dict[str, float]:
         """The limits that decide which images are used (part of a token shard's encoding)."""

@@ -20,6 +20,7 @@ import pytest
 from tokenflow import storage
 from tokenflow.config import PretokenizeConfig, SampleLimitsConfig
 from tokenflow.data.manifest import corpus_manifest, index_shard
+from tokenflow.data.quarantine import QuarantineCeilingExceeded
 from tokenflow.data.shapes import write_shapes_corpus
 from tokenflow.data.token_shards import iter_token_samples, read_table
 from tokenflow.data.verify import verify_token_shards
@@ -48,6 +49,9 @@ def _file_tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+BROKEN_ON_PURPOSE = SampleLimitsConfig(max_quarantine_fraction=1.0)  # test corpora with many bad samples
+
+
 @pytest.fixture(scope="module")
 def mixed_corpus(tmp_path_factory) -> dict:
     """Shapes shards plus an odd-formats webdataset shard, a cut-off tar and a Parquet shard."""
@@ -74,8 +78,15 @@ def test_odd_formats_tokenized_broken_quarantined_counts_reconcile(ray_local, mi
                                                                    tiny_tokenizer_path, tmp_path):
     out = str(tmp_path / "tokens")
     cfg = PretokenizeConfig(batch_size=8, micro_batch=4, num_actors=2, cpus_per_actor=1)
+    limits = SampleLimitsConfig(max_image_pixels=4_000_000)
+    refused = r"of \d+ samples quarantined \(\d+\.\d%, limits.max_quarantine_fraction is 5.0%\); most frequent: \w+ x\d"
+    with pytest.raises(QuarantineCeilingExceeded, match=refused):
+        pretokenize_corpus(mixed_corpus, str(tiny_tokenizer_path), out, cfg, limits=limits)
+    assert not storage.exists(storage.join(out, "_MANIFEST.json"))  # refused, the quarantine kept for a look
+    assert read_table(storage.join(out, "_QUARANTINE.parquet")).num_rows > 0
+    # The mixed corpus is broken on purpose: with the ceiling lifted the same shards complete.
     manifest = pretokenize_corpus(mixed_corpus, str(tiny_tokenizer_path), out, cfg,
-                                  limits=SampleLimitsConfig(max_image_pixels=4_000_000))
+                                  limits=limits.model_copy(update={"max_quarantine_fraction": 1.0}))
     assert_resources_released(ray_local)
     assert verify_token_shards(out) == []
 
@@ -109,7 +120,8 @@ def test_parquet_corpus_and_carried_fields(ray_local, tiny_tokenizer_path, tmp_p
     pq.write_table(table, tmp_path / "part-0.parquet")
     corpus = corpus_manifest({"train": [index_shard(str(tmp_path / "part-0.parquet"))]}, source={})
     out = str(tmp_path / "tokens")
-    pretokenize_corpus(corpus, str(tiny_tokenizer_path), out, PretokenizeConfig(micro_batch=2))
+    pretokenize_corpus(corpus, str(tiny_tokenizer_path), out, PretokenizeConfig(micro_batch=2),
+                       limits=BROKEN_ON_PURPOSE)  # 2 of 4 rows
     assert verify_token_shards(out) == []
     samples = list(iter_token_samples([f"{out}/shards/train/part-0.parquet"]))
     assert [(s.key, s.caption, s.json) for s in samples] == [("a", "first", '{"x": 1}'), ("c", None, None)]
@@ -123,7 +135,7 @@ def test_tokens_do_not_depend_on_batch_size(ray_local, mixed_corpus, tiny_tokeni
     for batch_size in (3, 16):
         out = tmp_path / f"bs{batch_size}"
         pretokenize_corpus(mixed_corpus, str(tiny_tokenizer_path), str(out),
-                        PretokenizeConfig(batch_size=batch_size, micro_batch=4))
+                           PretokenizeConfig(batch_size=batch_size, micro_batch=4), limits=BROKEN_ON_PURPOSE)
         trees.append(_file_tree(out))
     assert trees[0] == trees[1]
 
@@ -132,10 +144,10 @@ def test_rerun_skips_finished_shards_and_refuses_foreign_outputs(ray_local, mixe
                                                                   tiny_tokenizer_path, tmp_path, tiny_config):
     out = tmp_path / "tokens"
     cfg = PretokenizeConfig(micro_batch=4)
-    pretokenize_corpus(mixed_corpus, str(tiny_tokenizer_path), str(out), cfg)
+    pretokenize_corpus(mixed_corpus, str(tiny_tokenizer_path), str(out), cfg, limits=BROKEN_ON_PURPOSE)
     before = _file_tree(out)
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.parquet")}
-    pretokenize_corpus(mixed_corpus, str(tiny_tokenizer_path), str(out), cfg)
+    pretokenize_corpus(mixed_corpus, str(tiny_tokenizer_path), str(out), cfg, limits=BROKEN_ON_PURPOSE)
     assert _file_tree(out) == before
     assert mtimes == {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.parquet")}
 
@@ -147,12 +159,13 @@ def test_rerun_skips_finished_shards_and_refuses_foreign_outputs(ray_local, mixe
     other = tmp_path / "other.safetensors"
     save_tokenizer(TokenFlowTokenizer(tiny_config, with_teacher=False), other)
     with pytest.raises(Exception, match="made from other inputs"):
-        pretokenize_corpus(mixed_corpus, str(other), str(out), cfg)
+        pretokenize_corpus(mixed_corpus, str(other), str(out), cfg, limits=BROKEN_ON_PURPOSE)
 
 
 def test_verify_catches_a_tampered_shard(ray_local, mixed_corpus, tiny_tokenizer_path, tmp_path):
     out = tmp_path / "tokens"
-    pretokenize_corpus(mixed_corpus, str(tiny_tokenizer_path), str(out), PretokenizeConfig(micro_batch=4))
+    pretokenize_corpus(mixed_corpus, str(tiny_tokenizer_path), str(out), PretokenizeConfig(micro_batch=4),
+                       limits=BROKEN_ON_PURPOSE)
     shard = sorted((out / "shards" / "train").glob("shapes-*.parquet"))[0]
     table = pq.read_table(shard)
     tokens = table.column("tokens").to_pylist()

@@ -62,3 +62,16 @@ def test_undecodable_sample_is_quarantined_not_fatal(tmp_path, shards):
     batch = stream.next_batch(3)
     assert batch.shape == (3, 3, 64, 64) and float(batch.min()) >= 0 and float(batch.max()) <= 1
     assert {(q.key, q.reason) for q in stream.quarantined} == {("broken", "undecodable")}
+
+
+def test_a_stream_over_no_usable_image_raises_instead_of_looping(tmp_path):
+    tar_path = tmp_path / "all-bad.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for key in ("a", "b", "c"):
+            info = tarfile.TarInfo(f"{key}.png")
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"oops"))
+    stream = ImageStream([index_shard(str(tar_path))], 0, 1, seed=0, image_size=64)
+    with pytest.raises(ValueError, match=r"a whole epoch of its 1 training shards held no usable image "
+                                         r"\(3 quarantined, e.g. \[\('\w', 'undecodable'\)"):
+        stream.next_batch(2)

@@ -25,6 +25,7 @@ from tokenflow import storage
 from tokenflow.config import (DEFAULT_LIMITS, PretokenizeConfig, SampleLimitsConfig, TokenFlowConfig,
                               TokenizerView)
 from tokenflow.data.manifest import MANIFEST_NAME, ShardRecord, content_digest, file_digest, shard_records
+from tokenflow.data.quarantine import check_quarantine_ceiling
 from tokenflow.data.shard_encoder import (ShardEncoder, encoding_hash, quarantine_part_url,
                                           token_shard_url)
 from tokenflow.data.token_shards import (QUARANTINE_NAME, QUARANTINE_SCHEMA,
@@ -228,7 +229,10 @@ def finalize(corpus_manifest: dict[str, Any], out_url: str, tokenizer_digest: st
                          "quarantined": sum(e["quarantined"] for e in entries)}
     quarantine = pa.concat_tables(quarantine_tables) if quarantine_tables else QUARANTINE_SCHEMA.empty_table()
     q_url = storage.join(out_url, QUARANTINE_NAME)
-    storage.write_bytes_atomic(q_url, parquet_bytes(quarantine, cfg.compression))
+    storage.write_bytes_atomic(q_url, parquet_bytes(quarantine, cfg.compression))  # kept for a look when refused
+    check_quarantine_ceiling(quarantine, sum(r.samples for split in corpus_manifest["splits"]
+                                              for r in shard_records(corpus_manifest, split)),
+                             limits.max_quarantine_fraction, out_url)
     q_size, q_sha = file_digest(q_url)
     manifest = {
         "kind": "token_shards",

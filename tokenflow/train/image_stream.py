@@ -37,6 +37,7 @@ class ImageStream:
         self.shards, self.rank = shards, rank
         self.seed, self.image_size, self.min_scale, self.limits = seed, image_size, min_scale, limits
         self.quarantined: list[QuarantinedSample] = []
+        self._epoch, self._usable, self._whole_epoch = -1, 0, False  # usable images in the epoch read whole
         self.stream: ShardedStream[RawSample] = ShardedStream(
             len(shards), lambda i: list(iter_shard(shards[i].url)), rank, world_size, seed)
 
@@ -60,12 +61,23 @@ class ImageStream:
             return None
 
     def next_batch(self, batch_size: int) -> torch.Tensor:
-        """The next ``batch_size`` decodable images, [B, 3, S, S]."""
+        """The next ``batch_size`` decodable images, [B, 3, S, S]. Raises ``ValueError`` when a
+        whole epoch of this worker's shards held no usable image (instead of looping forever)."""
         images = []
         while len(images) < batch_size:
             epoch, position = self.stream.epoch, self.stream.position
             shard, sample = self.stream.next()
+            if self.stream.epoch != self._epoch:  # this item opened an epoch (or is the first one read)
+                if self._whole_epoch and not self._usable:
+                    raise ValueError(f"worker {self.rank}: a whole epoch of its {len(self.shards)} training shards "
+                                     f"held no usable image ({len(self.quarantined)} quarantined, e.g. "
+                                     f"{[(q.key, q.reason) for q in self.quarantined[:3]]})")
+                # Counted only for an epoch read from its first item on its usual plan (not a resumed
+                # or re-sharded remainder, which may hold only a few samples).
+                self._epoch, self._usable = self.stream.epoch, 0
+                self._whole_epoch = self.stream.position == 1 and self.stream.plan is None
             image = self._augment(self.shards[shard].name, sample, epoch, position)
             if image is not None:
                 images.append(image)
+                self._usable += 1
         return torch.stack(images)
