@@ -8,10 +8,13 @@ cannot use as stored (no image member, a duplicate key, an unreadable tail of a 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import tarfile
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import BinaryIO, Iterator, Literal
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
@@ -20,6 +23,10 @@ from tokenflow import storage
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 PARQUET_COLUMNS = ("key", "image", "caption")
 ShardFormat = Literal["webdataset", "parquet"]
+
+
+class SourceChangedError(RuntimeError):
+    """A corpus shard's bytes differ from the digest its corpus manifest recorded."""
 
 
 class CorpusError(ValueError):
@@ -87,8 +94,14 @@ def _decode_text(data: bytes | None) -> str | None:
     return data.decode("utf-8", errors="replace")
 
 
-def _tar_samples(url: str) -> Iterator[RawSample]:
-    fs, path = storage.filesystem(url)
+def _unreadable(url: str, container: str, exc: Exception) -> RawSample:
+    """The one record standing for the rest of a shard that could not be read."""
+    detail = str(exc).split(" @ ", 1)[0]  # webdataset appends the file object's repr
+    return RawSample(key=f"{storage.basename(url)}#unreadable", image=None,
+                     problem=f"unreadable_{container}: {type(exc).__name__}: {detail}")
+
+
+def _tar_samples(url: str, f: BinaryIO) -> Iterator[RawSample]:
     seen: set[str] = set()
     current: dict[str, bytes] = {}
     key: str | None = None
@@ -107,62 +120,84 @@ def _tar_samples(url: str) -> Iterator[RawSample]:
             problem=problem,
         )
 
-    with fs.open(path, "rb") as f:
-        try:
-            for member in tar_file_iterator(f):
-                prefix, suffix = base_plus_ext(member["fname"])
-                if prefix is None:
-                    continue
-                if prefix != key:
-                    if key is not None:
-                        yield finish()
-                    key, current = prefix, {}
-                current.setdefault(suffix.lower(), member["data"])
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            if key is not None:
-                yield finish()
-                key = None
-            detail = str(exc).split(" @ ", 1)[0]  # webdataset appends the file object's repr
-            yield RawSample(key=f"{storage.basename(url)}#unreadable", image=None,
-                            problem=f"unreadable_tar: {type(exc).__name__}: {detail}")
+    try:
+        for member in tar_file_iterator(f):
+            prefix, suffix = base_plus_ext(member["fname"])
+            if prefix is None:
+                continue
+            if prefix != key:
+                if key is not None:
+                    yield finish()
+                key, current = prefix, {}
+            current.setdefault(suffix.lower(), member["data"])
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        if key is not None:
+            yield finish()
+            key = None
+        yield _unreadable(url, "tar", exc)
     if key is not None:
         yield finish()
 
 
-def _parquet_samples(url: str, batch_rows: int = 256) -> Iterator[RawSample]:
-    fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as f:
+def _parquet_samples(url: str, f: BinaryIO, batch_rows: int = 256) -> Iterator[RawSample]:
+    try:
         pf = pq.ParquetFile(f)
-        names = set(pf.schema_arrow.names)
-        missing = [c for c in PARQUET_COLUMNS if c not in names]
-        if missing:
-            raise CorpusError(f"{url}: parquet corpus is missing columns {missing} "
-                              f"(needs key, image, caption; optional json)")
-        columns = [*PARQUET_COLUMNS, *(["json"] if "json" in names else [])]
-        seen: set[str] = set()
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
-            rows = batch.to_pydict()
-            for i, key in enumerate(rows["key"]):
-                image = rows["image"][i]
-                problem = None
-                if key is None:
-                    key, problem = f"{storage.basename(url)}#row{len(seen)}", "missing_key"
-                elif key in seen:
-                    problem = "duplicate_key"
-                elif image is None:
-                    problem = "missing_image"
-                seen.add(key)
-                yield RawSample(
-                    key=str(key),
-                    image=None if problem else bytes(image),
-                    caption=rows["caption"][i],
-                    json=rows["json"][i] if "json" in rows else None,
-                    problem=problem,
-                )
+    except (pa.ArrowException, OSError) as exc:  # not Parquet, or its footer is damaged
+        yield _unreadable(url, "parquet", exc)
+        return
+    names = set(pf.schema_arrow.names)
+    missing = [c for c in PARQUET_COLUMNS if c not in names]
+    if missing:
+        raise CorpusError(f"{url}: parquet corpus is missing columns {missing} "
+                          f"(needs key, image, caption; optional json)")
+    columns = [*PARQUET_COLUMNS, *(["json"] if "json" in names else [])]
+    seen: set[str] = set()
+    batches = pf.iter_batches(batch_size=batch_rows, columns=columns)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as exc:  # a damaged row group: the rest of the file
+            yield _unreadable(url, "parquet", exc)
+            return
+        if batch is None:
+            return
+        rows = batch.to_pydict()
+        for i, key in enumerate(rows["key"]):
+            image = rows["image"][i]
+            problem = None
+            if key is None:
+                key, problem = f"{storage.basename(url)}#row{len(seen)}", "missing_key"
+            elif key in seen:
+                problem = "duplicate_key"
+            elif image is None:
+                problem = "missing_image"
+            seen.add(key)
+            yield RawSample(
+                key=str(key),
+                image=None if problem else bytes(image),
+                caption=rows["caption"][i],
+                json=rows["json"][i] if "json" in rows else None,
+                problem=problem,
+            )
 
 
-def iter_shard(url: str) -> Iterator[RawSample]:
-    """Every sample of one shard, in stored order."""
-    if shard_format(url) == "webdataset":
-        return _tar_samples(url)
-    return _parquet_samples(url)
+def shard_samples(url: str, data: bytes) -> Iterator[RawSample]:
+    """Every sample of a shard's bytes, in stored order (``url`` gives the format and names the
+    records of what could not be read)."""
+    webdataset = shard_format(url) == "webdataset"
+    if not data:
+        return iter([_unreadable(url, "tar" if webdataset else "parquet", EOFError("the shard is an empty file"))])
+    f = io.BytesIO(data)
+    return _tar_samples(url, f) if webdataset else _parquet_samples(url, f)
+
+
+def iter_shard(url: str, sha256: str | None = None) -> Iterator[RawSample]:
+    """Every sample of one shard, in stored order. The shard is read whole first; given its
+    ``sha256`` from the corpus manifest, a shard whose bytes changed since the corpus was indexed
+    raises :class:`SourceChangedError` before any sample is read (old and new never mix)."""
+    data = storage.read_bytes(url)
+    if sha256 is not None and (actual := hashlib.sha256(data).hexdigest()) != sha256:
+        raise SourceChangedError(f"{url} changed since the corpus was indexed (sha256 {actual[:12]}, the corpus "
+                                 f"manifest has {sha256[:12]}); re-run the pipeline: the corpus stage re-indexes "
+                                 "the changed shards and the stages after it run again")
+    return shard_samples(url, data)

@@ -13,7 +13,7 @@ from typing import Any
 
 from tokenflow import storage
 from tokenflow.config import config_hash
-from tokenflow.data.corpus import iter_shard, shard_format
+from tokenflow.data.corpus import shard_format, shard_samples
 
 MANIFEST_NAME = "_MANIFEST.json"
 LEASE_NAME = "_LEASE.json"  # a stage output's lease (tokenflow.workflow.lease), never part of it
@@ -53,14 +53,14 @@ def directory_digests(url: str) -> dict[str, str]:
 
 
 def index_shard(url: str) -> ShardRecord:
-    """Count and digest one shard (reads it fully)."""
+    """Count and digest one shard (one read: the counts and the digest are of the same bytes)."""
+    data = storage.read_bytes(url)
     samples = unusable = 0
-    for sample in iter_shard(url):
+    for sample in shard_samples(url, data):
         samples += 1
         unusable += sample.problem is not None
-    size, sha = file_digest(url)
     return ShardRecord(url=url, name=storage.basename(url), format=shard_format(url),
-                       samples=samples, unusable=unusable, bytes=size, sha256=sha)
+                       samples=samples, unusable=unusable, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
 def corpus_manifest(splits: dict[str, list[ShardRecord]], source: dict[str, Any]) -> dict[str, Any]:

@@ -137,7 +137,7 @@ class ShardEncoder:
                 tokens.append(self.encode_images(torch.stack(pending)))
                 pending.clear()
 
-        for sample in iter_shard(record.url):
+        for sample in iter_shard(record.url, record.sha256):
             if sample.problem is not None:
                 quarantine.append((sample.key, sample.problem))
                 continue

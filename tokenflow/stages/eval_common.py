@@ -67,7 +67,7 @@ def with_baseline(metrics: dict[str, float], baseline: dict[str, float]) -> dict
 def heldout_samples(corpus_manifest: dict[str, Any]) -> Iterator[tuple[str, RawSample]]:
     """(shard name, sample) for every held-out sample, in manifest order."""
     for record in shard_records(corpus_manifest, "heldout"):
-        for sample in iter_shard(record.url):
+        for sample in iter_shard(record.url, record.sha256):
             yield record.name, sample
 
 

@@ -39,7 +39,7 @@ class ImageStream:
         self.quarantined: list[QuarantinedSample] = []
         self._epoch, self._usable, self._whole_epoch = -1, 0, False  # usable images in the epoch read whole
         self.stream: ShardedStream[RawSample] = ShardedStream(
-            len(shards), lambda i: list(iter_shard(shards[i].url)), rank, world_size, seed)
+            len(shards), lambda i: list(iter_shard(shards[i].url, shards[i].sha256)), rank, world_size, seed)
 
     def state_dict(self) -> dict[str, int]:
         return self.stream.state_dict()

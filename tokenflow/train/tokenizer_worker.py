@@ -49,7 +49,7 @@ def heldout_images(records: list[ShardRecord], count: int, image_size: int,
     """The first ``count`` decodable held-out images, centre-cropped: the same on every rank."""
     images = []
     for record in records:
-        for sample in iter_shard(record.url):
+        for sample in iter_shard(record.url, record.sha256):
             if sample.problem is None:
                 try:
                     images.append(preprocess(decode_image(sample.image, limits), image_size))
