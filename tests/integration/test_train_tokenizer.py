@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 from tokenflow.config import CorpusConfig, ShapesCorpusConfig, load_config
+from tokenflow.models.weights import file_sha256
 from tokenflow.stages.corpus import build_corpus
 from tokenflow.stages.train_tokenizer import run_train_tokenizer
 
@@ -197,17 +200,35 @@ def test_corrupt_latest_checkpoint_falls_back_or_fails_as_configured(ray_local, 
     assert sorted(p.name for p in checkpoints.glob("checkpoint_*") if p.is_dir()) == [
         "checkpoint_0000004_from_0000002", "checkpoint_0000006_from_0000002"]
 
-    for rank_file in checkpoints.glob("checkpoint_*/rank0.json"):
-        rank_file.write_text(rank_file.read_text().replace('"bytes": ', '"bytes": 1'))
-    with pytest.raises(Exception, match="no checkpoint verifies, refusing to start from scratch"):
+    # Someone with write access to the bucket plants a pickled command in every checkpoint and
+    # rewrites the digests to match: refused before DeepSpeed unpickles anything, never run.
+    marker = tmp_path / "pwned"
+    for rank_file in checkpoints.glob("checkpoint_*/rank*.json"):
+        state = json.loads(rank_file.read_text())
+        for name in [n for n in state["files"] if n.endswith("model_states.pt")]:
+            planted = rank_file.parent / name
+            torch.save({"module": _Payload(marker)}, planted)
+            state["files"][name] = {"bytes": planted.stat().st_size, "sha256": file_sha256(planted)}
+        rank_file.write_text(json.dumps(state))
+    refused = r"no checkpoint verifies, refusing to start from scratch: .*pickles posix.system"
+    with pytest.raises(Exception, match=refused):
         train(8)
+    assert not marker.exists()
+
+
+class _Payload:
+    """Unpickling it runs a command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
 
 
 def test_decoder_finetune_stage_trains_only_the_decoder(ray_local, corpus, tmp_path):
     """The finetune_decoder stage on the trained export: an enhanced (wider) pixel decoder trains
     on the pixel losses alone; every other tensor, and so every token, is the trained export's."""
-    import torch
-
     from tokenflow.models.weights import load_tokenizer
     from tokenflow.stages.train_tokenizer import run_finetune_decoder
 
