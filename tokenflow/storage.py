@@ -177,15 +177,20 @@ def read_json(url: str) -> Any:
     return json.loads(read_bytes(url))
 
 
-# Conditional writes: the primitives a lease needs. Local filesystems use O_EXCL and flock;
-# S3 (and S3-compatible stores) If-None-Match / If-Match on PUT. The version of an object is
-# its ETag there and the sha256 of its bytes here.
+# Conditional writes: the primitives a lease needs. Local filesystems create with a hard link
+# and compare-and-swap under an exclusive lock on a sibling ``<name>.lock`` file, replacing the
+# object by an atomic rename (a crash never leaves it half-written); S3 (and S3-compatible
+# stores) use If-None-Match / If-Match on PUT. The version of an object is its ETag there and the
+# sha256 of its bytes here.
 
 _READ_ATTEMPTS = 20
 
 
 def _is_precondition_failure(exc: OSError) -> bool:
-    return isinstance(exc, FileExistsError) or "precondition" in str(exc).lower().replace("-", "")
+    """A conditional write that lost: the object exists / changed (412), or another conditional
+    write to it was in flight (409 ConditionalRequestConflict)."""
+    text = str(exc).lower().replace("-", "")
+    return isinstance(exc, FileExistsError) or "precondition" in text or "conditionalrequestconflict" in text
 
 
 def _conditional_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str, bool]:
@@ -198,21 +203,28 @@ def _conditional_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str, bool]:
     return fs, path, local
 
 
+def _local_temp(path: str, data: bytes) -> str:
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
 def create_exclusive(url: str, data: bytes) -> bool:
     """Create the object ``url`` holding ``data`` unless it exists; True when this call created it."""
     fs, path, local = _conditional_fs(url)
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
     if local:  # a complete temp file hard-linked into place: readers never see a partial one
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = _local_temp(path, data)
         try:
             os.link(tmp, path)
         except FileExistsError:
             return False
+        except OSError as exc:  # a filesystem without hard links (some FUSE and SMB mounts)
+            raise NotImplementedError(f"{url}: no hard links here ({exc}), so no create-exclusive") from exc
         finally:
             os.unlink(tmp)
         return True
@@ -227,13 +239,10 @@ def create_exclusive(url: str, data: bytes) -> bool:
 
 def read_versioned(url: str) -> tuple[bytes, str] | None:
     """The object's bytes and version token (for :func:`replace_if`), or None when it is absent."""
-    import fcntl
-
     fs, path, local = _conditional_fs(url)
     try:
         if local:
-            with open(path, "rb") as f:
-                fcntl.flock(f, fcntl.LOCK_SH)
+            with open(path, "rb") as f:  # replaced by rename only: always a whole version
                 data = f.read()
             return data, hashlib.sha256(data).hexdigest()
         for _ in range(_READ_ATTEMPTS):
@@ -255,19 +264,16 @@ def replace_if(url: str, data: bytes, version: str) -> bool:
 
     fs, path, local = _conditional_fs(url)
     if local:
-        try:
-            with open(path, "r+b") as f:
-                fcntl.flock(f, fcntl.LOCK_EX)
-                if hashlib.sha256(f.read()).hexdigest() != version:
-                    return False
-                f.seek(0)
-                f.truncate()
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+        with open(f"{path}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                with open(path, "rb") as f:
+                    if hashlib.sha256(f.read()).hexdigest() != version:
+                        return False
+            except FileNotFoundError:
+                return False
+            os.replace(_local_temp(path, data), path)
             return True
-        except FileNotFoundError:
-            return False
     try:
         fs.pipe_file(path, data, IfMatch=version)
     except FileNotFoundError:

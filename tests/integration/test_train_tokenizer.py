@@ -183,10 +183,10 @@ def test_corrupt_latest_checkpoint_falls_back_or_fails_as_configured(ray_local, 
 
     train(4)
     checkpoints = out / "checkpoints" / "train"
-    latest = checkpoints / "checkpoint_0000004_from_0000000"
+    latest = checkpoints / "checkpoint_0000004_from_0000000_w2"
     optim = sorted(latest.glob("generator/state/*optim_states.pt"))[0]
     optim.write_bytes(optim.read_bytes()[:100])
-    with pytest.raises(Exception, match=r"checkpoint_0000004_from_0000000 does not verify: generator/state/\S+"
+    with pytest.raises(Exception, match=r"checkpoint_0000004_from_0000000_w2 does not verify: generator/state/\S+"
                                         r"optim_states.pt has 100 bytes"):
         train(6, "train_tokenizer.corrupt_checkpoint=fail")
 
@@ -194,11 +194,11 @@ def test_corrupt_latest_checkpoint_falls_back_or_fails_as_configured(ray_local, 
     client = mlflow.MlflowClient(f"sqlite:///{db}")
     run = client.get_run(result["mlflow_run_id"])
     assert run.data.tags["tokenflow.checkpoints_skipped"].startswith(
-        "checkpoint_0000004_from_0000000: generator/state/")
+        "checkpoint_0000004_from_0000000_w2: generator/state/")
     assert client.get_metric_history(run.info.run_id, "resumed_from_step")[-1].value == 2.0
     # The new attempt's checkpoints went to new directories; Ray Train then kept the newest two.
     assert sorted(p.name for p in checkpoints.glob("checkpoint_*") if p.is_dir()) == [
-        "checkpoint_0000004_from_0000002", "checkpoint_0000006_from_0000002"]
+        "checkpoint_0000004_from_0000002_w2", "checkpoint_0000006_from_0000002_w2"]
 
     # Someone with write access to the bucket plants a pickled command in every checkpoint and
     # rewrites the digests to match: refused before DeepSpeed unpickles anything, never run.

@@ -72,6 +72,20 @@ def test_a_stream_over_no_usable_image_raises_instead_of_looping(tmp_path):
             info.size = 4
             tar.addfile(info, io.BytesIO(b"oops"))
     stream = ImageStream([index_shard(str(tar_path))], 0, 1, seed=0, image_size=64)
-    with pytest.raises(ValueError, match=r"a whole epoch of its 1 training shards held no usable image "
-                                         r"\(3 quarantined, e.g. \[\('\w', 'undecodable'\)"):
+    with pytest.raises(ValueError, match=r"no training shard holds a usable image \(1 shards; "
+                                         r"3 quarantined here, e.g. \[\('\w', 'undecodable'\)"):
         stream.next_batch(2)
+
+
+def test_a_worker_whose_share_is_all_bad_goes_on_when_other_shards_are_usable(tmp_path, shards):
+    """Two workers, two shards: worker 1's whole share is undecodable, but the corpus is not."""
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bad, "w") as tar:
+        for key in ("a", "b"):
+            info = tarfile.TarInfo(f"{key}.png")
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"oops"))
+    records = [shards[0], index_shard(str(bad))]
+    workers = [ImageStream(records, rank, 2, seed=0, image_size=64) for rank in range(2)]
+    for stream in workers:  # every worker meets both shards within two epochs
+        assert stream.next_batch(12).shape == (12, 3, 64, 64)

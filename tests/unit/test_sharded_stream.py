@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokenflow.train.sharded_stream import ShardedStream, resharded
+from tokenflow.train.sharded_stream import ShardedStream
 
 SIZES = [7, 5, 9, 4, 6, 8]  # shards of unequal size, so workers drift apart within an epoch
 IDS = [[f"s{shard}-{i}" for i in range(n)] for shard, n in enumerate(SIZES)]
@@ -26,7 +26,10 @@ def _take(streams: list[ShardedStream[str]], rounds: int) -> list[str]:
 
 def _reshard(streams: list[ShardedStream[str]], world: int, seed: int = 5) -> list[ShardedStream[str]]:
     states = [s.state_dict() for s in streams]
-    return _streams(world, [resharded(states, len(IDS), seed, rank, world) for rank in range(world)], seed)
+    fresh = _streams(world, seed=seed)
+    for stream in fresh:
+        stream.load_state_dict(stream.resharded(states))
+    return fresh
 
 
 def test_resume_continues_with_exactly_the_same_items():
@@ -82,3 +85,12 @@ def test_a_worker_without_items_is_an_error():
     stream = ShardedStream(1, lambda i: ["only"], rank=1, world_size=2, seed=0)
     with pytest.raises(ValueError, match="got no items"):
         stream.next()
+
+
+def test_fewer_shards_than_workers_still_serve_every_worker():
+    """3 shards of 2 items on 4 workers: the epoch's items are dealt across the shards in order,
+    so every worker gets some and none twice."""
+    shards = [["a0", "a1"], ["b0", "b1"], ["c0", "c1"]]
+    streams = [ShardedStream(3, shards.__getitem__, rank, 4, seed=1) for rank in range(4)]
+    assert sorted(_drain(streams, 0)) == sorted(sum(shards, []))
+    assert all(s.epoch == 1 for s in streams)

@@ -16,7 +16,7 @@ from tokenflow.config import config_hash
 from tokenflow.data.corpus import shard_format, shard_samples
 
 MANIFEST_NAME = "_MANIFEST.json"
-LEASE_NAME = "_LEASE.json"  # a stage output's lease (tokenflow.workflow.lease), never part of it
+LEASE_NAME = "_LEASE.json"  # a stage output's lease (tokenflow.workflow.lease) and its .lock: never part of it
 CORPUS_MANIFEST_VERSION = 1
 
 

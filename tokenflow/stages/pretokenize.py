@@ -110,10 +110,14 @@ class PretokenizeAttemptsExhausted(RuntimeError):
 
 def _lost_to_the_cluster(exc: BaseException) -> bool:
     """True for the failures a re-run can get past: a dead actor, worker process, node or
-    object (not an error raised by the data or the code)."""
-    from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
+    object, or a process the memory monitor killed (not an error raised by the data or the code,
+    nor an actor whose constructor raised)."""
+    from ray.exceptions import (NodeDiedError, ObjectLostError, OutOfMemoryError, RayActorError,
+                                WorkerCrashedError)
 
-    return isinstance(exc, (RayActorError, NodeDiedError, ObjectLostError, WorkerCrashedError))
+    if isinstance(exc, RayActorError) and getattr(exc, "actor_init_failed", False):
+        return False  # the tokenizer actor's constructor raised: the same error again on a re-run
+    return isinstance(exc, (RayActorError, NodeDiedError, ObjectLostError, OutOfMemoryError, WorkerCrashedError))
 
 
 def encode_corpus(corpus_manifest: dict[str, Any], tokenizer_url: str, tokenizer_digest: str, out_url: str,

@@ -183,7 +183,8 @@ class StageRun:
         if headline:
             self._note(headline)
         manifest = {**manifest, "inputs": self.inputs, "config_hash": self.config_hash, "mlflow_run_id": self.run_id,
-                    "files": storage.file_sizes(self.out_url, exclude=(MANIFEST_NAME, LEASE_NAME, CHECKPOINTS_DIR))}
+                    "files": storage.file_sizes(self.out_url, exclude=(MANIFEST_NAME, LEASE_NAME, LEASE_NAME + ".lock",
+                                                                       CHECKPOINTS_DIR))}
         storage.write_json_atomic(storage.join(self.out_url, MANIFEST_NAME), manifest)
         self.log_json(manifest, MANIFEST_NAME, "output")
         self.metrics({"stage_seconds": time.perf_counter() - self.started})

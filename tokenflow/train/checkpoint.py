@@ -64,7 +64,7 @@ def saved_world_size(directory: Path) -> int | None:
     """How many workers saved the checkpoint (from rank 0's file), or None when it is unreadable."""
     try:
         return int(json.loads((directory / "rank0.json").read_text())["world_size"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -75,12 +75,15 @@ def verify_checkpoint(directory: Path, rank: int, world_size: int) -> str | None
     classes) of the saving ranks ``rank, rank + world_size, ...``, so together the ranks check
     all of them, whatever the saving world size was; every rank refuses a file no rank wrote."""
     saved = saved_world_size(directory)
-    if saved is None:
+    if saved is None or saved < 1:
         return "rank0.json missing or unreadable"
-    for saver in range(rank, saved, world_size):
-        if problem := _verify_rank(directory, saver, saved):
-            return problem
-    return _unlisted_file(directory, saved)
+    try:
+        for saver in range(rank, saved, world_size):
+            if problem := _verify_rank(directory, saver, saved):
+                return problem
+        return _unlisted_file(directory, saved)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:  # a rank file of the wrong shape
+        return f"a rank file is malformed ({type(exc).__name__}: {exc})"
 
 
 # What DeepSpeed pickles into its checkpoints besides what torch's weights-only unpickler allows

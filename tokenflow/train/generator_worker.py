@@ -27,7 +27,6 @@ from tokenflow.train.jobs import GeneratorJob
 from tokenflow.train.llm_common import (engine_for, example_stream, export_llm, first_examples, load_llm_parts,
                                         special_id)
 from tokenflow.train.loop import Schedule, run_loop
-from tokenflow.train.sharded_stream import resharded
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +125,7 @@ class GeneratorTask:
 
     def resharded(self, states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
         first = rank == 0  # the counters are totals over the saving ranks, kept by the first rank
-        return {"stream": resharded([s["stream"] for s in states], self.stream.num_shards, self.stream.seed, rank,
-                                    world),
+        return {"stream": self.stream.resharded([s["stream"] for s in states]),
                 "unconditional": sum(s["unconditional"] for s in states) if first else 0,
                 "truncated": sum(s["truncated"] for s in states) if first else 0}
 

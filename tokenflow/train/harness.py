@@ -49,12 +49,17 @@ def worker_nodes(world_size: int) -> list[str]:
     return nodes
 
 
+def _collective_device() -> torch.device:
+    """Where a tensor for a collective must live: NCCL reduces CUDA tensors only."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
     """The mean of each value over all ranks (collective)."""
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
-    return {k: float(v) / world_size for k, v in zip(keys, t)}
+    return {k: float(v) / world_size for k, v in zip(keys, t.cpu())}
 
 
 class Tracker:
@@ -127,7 +132,7 @@ class Restored:
 
 def _any_rank(flag: bool) -> bool:
     """True when ``flag`` is true on any rank (collective)."""
-    t = torch.tensor([int(flag)], dtype=torch.int64)
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -162,7 +167,7 @@ def restore(engines: dict[str, Any], rank: int, world_size: int, on_corrupt: str
         with checkpoint.as_directory() as directory:
             problem = verify_checkpoint(Path(directory), rank, world_size)
             if not _any_rank(problem is not None):
-                states = _load(Path(directory), engines, rank, world_size)
+                states = _load(Path(directory), checkpoint.path, engines, rank, world_size)
                 log.info("rank %d resumed at step %d from %s (saved by %d workers)", rank, states[0]["step"],
                          name, len(states))
                 return Restored(states, name, tuple(skipped))
@@ -174,11 +179,13 @@ def restore(engines: dict[str, Any], rank: int, world_size: int, on_corrupt: str
     raise CheckpointError("no checkpoint verifies, refusing to start from scratch: " + "; ".join(skipped))
 
 
-def _load(directory: Path, engines: dict[str, Any], rank: int, world_size: int) -> list[dict[str, Any]]:
+def _load(directory: Path, stored_at: str, engines: dict[str, Any], rank: int,
+          world_size: int) -> list[dict[str, Any]]:
     """Every saving rank's client state, with this rank's engines and RNG restored (collective).
     Saved by another number of workers, the first worker of each node converts the engines'
-    checkpoints to DeepSpeed's universal form in a node-local directory, which every worker of
-    the node then loads its new partition from."""
+    checkpoints (``directory``, downloaded from ``stored_at``) to DeepSpeed's universal form in
+    a node-local directory named after ``stored_at``, which every worker of the node then loads
+    its new partition from."""
     import ray.train
 
     saved = saved_world_size(directory)
@@ -187,9 +194,11 @@ def _load(directory: Path, engines: dict[str, Any], rank: int, world_size: int) 
         return [json.loads((directory / f"rank{r}.json").read_text()) if r != rank else own
                 for r in range(world_size)]
     log.warning("checkpoint %s was saved by %s workers, resuming with %d: converting it to a DeepSpeed "
-                "universal checkpoint and re-sharding the data stream", directory.name, saved, world_size)
+                "universal checkpoint and re-sharding the data stream", stored_at, saved, world_size)
+    # Named after where the checkpoint is stored, the same on every rank (each rank's download
+    # directory is its own).
     universal = Path(tempfile.gettempdir()) / "tokenflow-universal" / hashlib.sha256(
-        str(directory).encode()).hexdigest()[:16]
+        stored_at.encode()).hexdigest()[:16]
     converter = ray.train.get_context().get_local_rank() == 0
     failure = None
     if converter:
@@ -200,20 +209,21 @@ def _load(directory: Path, engines: dict[str, Any], rank: int, world_size: int) 
         except CheckpointError as exc:
             failure = exc
     if _any_rank(failure is not None):  # also the barrier before anyone loads
-        raise failure or CheckpointError(f"{directory}: conversion to a universal checkpoint failed on another node")
-    try:
-        return load_resized(directory, universal, engines, rank)
-    finally:
-        _any_rank(False)  # every rank of the node has loaded before the directory goes
-        if converter:
-            shutil.rmtree(universal, ignore_errors=True)
+        raise failure or CheckpointError(f"{stored_at}: conversion to a universal checkpoint failed on another node")
+    # A rank that fails to load raises here: Ray Train ends the group (no collective on that path).
+    states = load_resized(directory, universal, engines, rank)
+    _any_rank(False)  # every rank of the node has loaded before the directory goes
+    if converter:
+        shutil.rmtree(universal, ignore_errors=True)
+    return states
 
 
-def checkpoint_name(step: int, resumed_from: int) -> str:
-    """A checkpoint directory's name: its step, then the step its attempt started from, so an
-    attempt that fell back behind a corrupt checkpoint never writes into that one's directory
-    (names sort by step, then by attempt)."""
-    return f"checkpoint_{step:07d}_from_{resumed_from:07d}"
+def checkpoint_name(step: int, resumed_from: int, world_size: int) -> str:
+    """A checkpoint directory's name: its step, the step its attempt started from and the
+    attempt's world size, so an attempt that fell back behind a bad checkpoint, or runs on
+    another number of workers, never writes into another attempt's directory (names sort by
+    step, then by attempt)."""
+    return f"checkpoint_{step:07d}_from_{resumed_from:07d}_w{world_size}"
 
 
 def report_checkpoint(engines: dict[str, Any], rank: int, world_size: int, state: dict[str, Any],
@@ -224,7 +234,7 @@ def report_checkpoint(engines: dict[str, Any], rank: int, world_size: int, state
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp), engines, rank, world_size, state)
         ray.train.report({"step": state["step"]}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=checkpoint_name(state["step"], resumed_from))
+                         checkpoint_dir_name=checkpoint_name(state["step"], resumed_from, world_size))
 
 
 def gathered_state_dict(module: nn.Module, engine: Any, rank: int, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:

@@ -29,6 +29,14 @@ class QuarantinedSample:
     reason: str
 
 
+def _decodes(data: bytes | None, limits: SampleLimitsConfig) -> bool:
+    try:
+        decode_image(data or b"", limits)
+    except DecodeError:
+        return False
+    return True
+
+
 class ImageStream:
     """Endless per-worker iterator of [3, S, S] training images in [0, 1]."""
 
@@ -38,6 +46,7 @@ class ImageStream:
         self.seed, self.image_size, self.min_scale, self.limits = seed, image_size, min_scale, limits
         self.quarantined: list[QuarantinedSample] = []
         self._epoch, self._usable, self._whole_epoch = -1, 0, False  # usable images in the epoch read whole
+        self._corpus_usable = False
         self.stream: ShardedStream[RawSample] = ShardedStream(
             len(shards), lambda i: list(iter_shard(shards[i].url, shards[i].sha256)), rank, world_size, seed)
 
@@ -60,17 +69,29 @@ class ImageStream:
             log.warning("quarantined %s (%s): %s", sample.key, shard, exc.reason)
             return None
 
+    def _corpus_has_usable_image(self) -> bool:
+        """Whether any training shard (not only this worker's share) holds an image that
+        decodes; read once, when a whole epoch of this worker's share held none."""
+        if not self._corpus_usable:
+            self._corpus_usable = any(
+                sample.problem is None and _decodes(sample.image, self.limits)
+                for record in self.shards for sample in iter_shard(record.url, record.sha256))
+            if self._corpus_usable:
+                log.warning("worker %d: a whole epoch of its share of the shards held no usable image; "
+                            "other shards do, training goes on", self.rank)
+        return self._corpus_usable
+
     def next_batch(self, batch_size: int) -> torch.Tensor:
-        """The next ``batch_size`` decodable images, [B, 3, S, S]. Raises ``ValueError`` when a
-        whole epoch of this worker's shards held no usable image (instead of looping forever)."""
+        """The next ``batch_size`` decodable images, [B, 3, S, S]. Raises ``ValueError`` when no
+        training shard holds a usable image (instead of looping forever)."""
         images = []
         while len(images) < batch_size:
             epoch, position = self.stream.epoch, self.stream.position
             shard, sample = self.stream.next()
             if self.stream.epoch != self._epoch:  # this item opened an epoch (or is the first one read)
-                if self._whole_epoch and not self._usable:
-                    raise ValueError(f"worker {self.rank}: a whole epoch of its {len(self.shards)} training shards "
-                                     f"held no usable image ({len(self.quarantined)} quarantined, e.g. "
+                if self._whole_epoch and not self._usable and not self._corpus_has_usable_image():
+                    raise ValueError(f"no training shard holds a usable image ({len(self.shards)} shards; "
+                                     f"{len(self.quarantined)} quarantined here, e.g. "
                                      f"{[(q.key, q.reason) for q in self.quarantined[:3]]})")
                 # Counted only for an epoch read from its first item on its usual plan (not a resumed
                 # or re-sharded remainder, which may hold only a few samples).

@@ -39,7 +39,6 @@ from tokenflow.train.harness import Tracker, join_worker_group
 from tokenflow.train.image_stream import ImageStream, QuarantinedSample
 from tokenflow.train.jobs import TokenizerJob
 from tokenflow.train.loop import Schedule, run_loop
-from tokenflow.train.sharded_stream import resharded
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +158,8 @@ class TokenizerTask:
         self.stream.quarantined = [QuarantinedSample(**q) for q in state["quarantined"]]
 
     def resharded(self, states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
-        stream = self.stream.stream  # the quarantine records of every saving rank go to the first one
-        return {"stream": resharded([s["stream"] for s in states], stream.num_shards, stream.seed, rank, world),
+        # The quarantine records of every saving rank go to the first one.
+        return {"stream": self.stream.stream.resharded([s["stream"] for s in states]),
                 "quarantined": [q for s in states for q in s["quarantined"]] if rank == 0 else []}
 
 

@@ -24,7 +24,6 @@ from tokenflow.train.harness import Tracker, join_worker_group
 from tokenflow.train.jobs import UnderstandingJob
 from tokenflow.train.llm_common import engine_for, example_stream, export_llm, first_examples, load_llm_parts
 from tokenflow.train.loop import Schedule, run_loop
-from tokenflow.train.sharded_stream import resharded
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +109,7 @@ class UnderstandingTask:
         self.stream.load_state_dict(state["stream"])
 
     def resharded(self, states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
-        return {"stream": resharded([s["stream"] for s in states], self.stream.num_shards, self.stream.seed, rank,
-                                    world)}
+        return {"stream": self.stream.resharded([s["stream"] for s in states])}
 
 
 def train_understanding_worker(job: UnderstandingJob) -> None:

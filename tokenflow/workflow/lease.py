@@ -110,6 +110,9 @@ class StageLease:
             if current is None:
                 continue  # released and removed between the two calls
             record = _decode(self.url, current[0])
+            if record.owner == self.owner:  # our own write landed, its answer was lost (a retried PUT)
+                self.version = current[1]
+                return None
             if not record.free(time.time()):
                 return record
             if storage.replace_if(self.url, data, current[1]):
@@ -119,18 +122,34 @@ class StageLease:
                 self.version = storage.read_versioned(self.url)[1]
                 return None
 
+    def _still_ours(self) -> bool:
+        """After a compare-and-swap that lost: True (version updated) when the lease holds our own
+        record all the same, as when a retried PUT lands twice."""
+        current = storage.read_versioned(self.url)
+        if current is not None and _decode(self.url, current[0]).owner == self.owner:
+            self.version = current[1]
+            return True
+        return False
+
     def renew(self) -> bool:
         """Extend the lease; False (and ``lost`` set) when another run has taken it."""
-        data = self._record()
-        if self.version is not None and storage.replace_if(self.url, data, self.version):
-            self.version = storage.read_versioned(self.url)[1]
-            return True
+        if self.version is not None:
+            if storage.replace_if(self.url, self._record(), self.version):
+                self.version = storage.read_versioned(self.url)[1]
+                return True
+            if self._still_ours():
+                return True
         self.lost.set()
         return False
 
     def release(self) -> None:
-        if self.version is not None and not self.lost.is_set():
-            storage.replace_if(self.url, self._record(released=True), self.version)
+        """Mark the lease released (best effort: an unreleased lease expires)."""
+        try:
+            if self.version is not None and not self.lost.is_set():
+                storage.replace_if(self.url, self._record(released=True), self.version)
+        except OSError as exc:
+            log.warning("could not release the lease %s (%s); it expires in at most %.0fs", self.url, exc,
+                        self.cfg.lease_ttl_s)
         self.version = None
 
 
