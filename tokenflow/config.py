@@ -257,6 +257,10 @@ class CorpusConfig(StrictModel):
     )
     heldout_shards: int = Field(1, ge=0)
     shapes: ShapesCorpusConfig = ShapesCorpusConfig()
+    on_source_change: Literal["recompute", "fail"] = Field(
+        "recompute", description="An indexed corpus whose shards changed since a completed run of the "
+        "same corpus config: 'recompute' re-indexes it (and everything downstream runs again), 'fail' "
+        "stops before any stage, naming the shards added, removed or rewritten.")
 
     @model_validator(mode="after")
     def _url_given(self) -> "CorpusConfig":

@@ -163,6 +163,29 @@ def test_an_indexed_corpus_reruns_when_its_shards_change(tmp_path):
         _reruns(tmp_path / "s", f"corpus={{source: url, url: {tmp_path / 'gone'}, heldout_shards: 1}}")
 
 
+def test_a_changed_corpus_fails_the_plan_when_configured(tmp_path):
+    """corpus.on_source_change: fail stops before any stage, naming what changed since the
+    completed corpus output of the same config; recompute (the default) re-indexes."""
+    from tokenflow.config import CorpusConfig
+    from tokenflow.stages.corpus import make_corpus
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name in ("a.tar", "b.tar", "c.tar"):
+        (shards / name).write_bytes(b"")
+    corpus = f"corpus={{source: url, url: {shards}, heldout_shards: 1, on_source_change: fail}}"
+    cfg = load_config(SMOKE, [corpus])
+    made = next(p for p in plan(cfg, str(tmp_path / "s"), env=ENV) if p.name == "corpus").output
+    storage.write_json_atomic(made.manifest_url, make_corpus(cfg.corpus, made.url))  # a completed corpus stage
+    assert not _reruns(tmp_path / "s", corpus) & {"corpus"}
+    (shards / "d.tar").write_bytes(b"")
+    (shards / "a.tar").write_bytes(b"rewritten")
+    with pytest.raises(PlanError, match=r"shards were added: \S+d.tar; rewritten: \S+a.tar\) and "
+                                        r"corpus.on_source_change is fail"):
+        plan(load_config(SMOKE, [corpus]), str(tmp_path / "s"), env=ENV)
+    assert "corpus" in _reruns(tmp_path / "s", corpus.replace("change: fail", "change: recompute"))
+
+
 def test_code_identity_is_the_modules_a_stage_imports(tmp_path):
     """Editing a module a stage imports re-runs it; editing one it never imports (or anything
     outside the package: docs, benchmarks) does not."""

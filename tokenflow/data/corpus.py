@@ -88,6 +88,21 @@ def shard_listing(url: str) -> dict[str, str]:
     return out
 
 
+def corpus_listing(urls: list[str]) -> dict[str, str]:
+    """:func:`shard_listing` of every corpus location in ``urls`` together, listing failures as
+    :class:`CorpusError`."""
+    listing: dict[str, str] = {}
+    for url in urls:
+        try:
+            listing.update(shard_listing(url))
+        except CorpusError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - fsspec backends raise many types
+            raise CorpusError(f"cannot list the corpus at {url} (its shards identify the corpus stage): "
+                              f"{type(exc).__name__}: {exc}") from exc
+    return listing
+
+
 def _decode_text(data: bytes | None) -> str | None:
     if data is None:
         return None

@@ -76,21 +76,12 @@ def _model_dir(inputs: Inputs, stage: str) -> str:
 
 def _corpus_sources(cfg: TokenFlowConfig) -> dict[str, str]:
     """An indexed corpus' shards, by size and version (a shapes corpus is made from the config)."""
-    from tokenflow.data.corpus import CorpusError, shard_listing
+    from tokenflow.data.corpus import corpus_listing
 
     c = cfg.corpus
     if c.source == "shapes":
         return {}
-    listing: dict[str, str] = {}
-    for url in filter(None, (c.url, c.heldout_url)):
-        try:
-            listing.update(shard_listing(url))
-        except CorpusError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - fsspec backends raise many types
-            raise CorpusError(f"cannot list the corpus at {url} (its shards identify the corpus stage): "
-                              f"{type(exc).__name__}: {exc}") from exc
-    return {"source_shards": config_hash(listing)}
+    return {"source_shards": config_hash(corpus_listing([u for u in (c.url, c.heldout_url) if u]))}
 
 
 def _corpus(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink) -> dict[str, Any]:
@@ -164,8 +155,8 @@ def stages(cfg: TokenFlowConfig) -> tuple[StageSpec, ...]:
     decoder = "finetune_decoder" if cfg.finetune_decoder is not None else "train_tokenizer"
     decoding = ("corpus", "train_tokenizer") + ((decoder,) if decoder != "train_tokenizer" else ())
     tokenizer_excluded = ("image_every", "heldout_images")
-    specs = [StageSpec("corpus", (), ("corpus",), _STAGES + "corpus", _corpus, libraries=CORPUS_LIBRARIES,
-                       sources=_corpus_sources),
+    specs = [StageSpec("corpus", (), ("corpus",), _STAGES + "corpus", _corpus, ("corpus.on_source_change",),
+                       libraries=CORPUS_LIBRARIES, sources=_corpus_sources),
              StageSpec("train_tokenizer", ("corpus",), ("tokenizer", "train_tokenizer", "limits"),
                        _STAGES + "train_tokenizer", _train_tokenizer, _excluded("train_tokenizer", *tokenizer_excluded),
                        "train_tokenizer", TRAINING_LIBRARIES)]

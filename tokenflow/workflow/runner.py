@@ -15,8 +15,10 @@ from typing import Any
 
 import yaml
 
+from tokenflow import storage
 from tokenflow.config import TokenFlowConfig
 from tokenflow.redaction import redact
+from tokenflow.stages.corpus import source_changes
 from tokenflow.stages.stage_run import RunLink, StageIdentity
 from tokenflow.stages.tracking import check_tracking, log_text_artifact, resolve_tracking_uri, start_stage_run
 from tokenflow.workflow.durable import StageOutput
@@ -91,6 +93,12 @@ def plan(cfg: TokenFlowConfig, storage_root: str, only: str | None = None, start
         else:
             planned = PlannedStage(spec, None, None, False, spec.name in selected)
         out.append(planned)
+    corpus = out[0]  # the corpus stage comes first
+    if (corpus.selected and not corpus.cached and cfg.corpus.source == "url"
+            and cfg.corpus.on_source_change == "fail"):
+        if changes := source_changes(storage.join(storage_root, "corpus"), cfg.corpus):
+            raise PlanError(f"the corpus changed ({changes}) and corpus.on_source_change is fail; set it to "
+                            "recompute to re-index it and run everything after it again")
     for p in out:
         if p.selected and not p.cached:
             missing = [i for i in p.spec.inputs if i not in complete and i not in selected]
