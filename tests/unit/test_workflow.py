@@ -166,7 +166,6 @@ def test_an_indexed_corpus_reruns_when_its_shards_change(tmp_path):
 def test_a_changed_corpus_fails_the_plan_when_configured(tmp_path):
     """corpus.on_source_change: fail stops before any stage, naming what changed since the
     completed corpus output of the same config; recompute (the default) re-indexes."""
-    from tokenflow.config import CorpusConfig
     from tokenflow.stages.corpus import make_corpus
 
     shards = tmp_path / "shards"
