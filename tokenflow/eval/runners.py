@@ -165,13 +165,13 @@ def score_reconstructions(tokenizer: TokenFlowTokenizer, sources: Sequence[bytes
 # --------------------------------------------------------------------------- MME
 
 
-def load_image(url: str, size: int) -> torch.Tensor:
+def load_image(url: str, size: int, limits: SampleLimitsConfig = DEFAULT_LIMITS) -> torch.Tensor:
     """An image file as the tokenizer's input ``[3, size, size]``; raises ``DecodeError``."""
-    return preprocess(decode_image(storage.read_bytes(url)), size)
+    return preprocess(decode_image(storage.read_bytes(url), limits), size)
 
 
-def encode_images(tokenizer: TokenFlowTokenizer, urls: Sequence[str],
-                  batch_size: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def encode_images(tokenizer: TokenFlowTokenizer, urls: Sequence[str], batch_size: int,
+                  limits: SampleLimitsConfig = DEFAULT_LIMITS) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tokens (CPU) of each distinct image URL, and the decode-failure reason of the others."""
     tokens: dict[str, torch.Tensor] = {}
     failed: dict[str, str] = {}
@@ -186,7 +186,7 @@ def encode_images(tokenizer: TokenFlowTokenizer, urls: Sequence[str],
     tokenizer.eval()
     for url in dict.fromkeys(urls):
         try:
-            pending[url] = load_image(url, size)
+            pending[url] = load_image(url, size, limits)
         except DecodeError as exc:
             log.warning("cannot decode %s: %s", url, exc)
             failed[url] = exc.reason

@@ -77,7 +77,7 @@ def run_eval_understanding(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any]
             f"MME ({u.benchmark}) of the trained understanding model, against an untrained one.") as run:
         scratch = Path(tmp)
         run.log_dataset("mme_questions", inputs["questions"], root)
-        tokens, failed = encode_images(tokenizer, [q.image for q in questions], u.batch_size)
+        tokens, failed = encode_images(tokenizer, [q.image for q in questions], u.batch_size, cfg.limits)
         args = (questions, tokens, u.batch_size, t.max_new_tokens, t.language_model.max_text_tokens)
         replies = answer_questions(model, tok, *args)
         base_replies = answer_questions(baseline, tok, *args)
@@ -90,7 +90,7 @@ def run_eval_understanding(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any]
         for url in _grid_images(questions, tokens):
             asked = [(q, a) for q, a in zip(questions, replies) if q.image == url]
             recon = tokenizer.decode_indices(tokens[url][None].to(device)).cpu()
-            rows.append(torch.cat([load_image(url, tokenizer.cfg.image_size)[None], recon]))
+            rows.append(torch.cat([load_image(url, tokenizer.cfg.image_size, cfg.limits)[None], recon]))
             labels.append("\n".join(f"{q.subtask}: {q.question} expected {q.answer}, replied {a.strip()!r} "
                                     f"({parse_answer(a)})" for q, a in asked))
         if rows:
