@@ -95,7 +95,7 @@ def loop_worker(rank: int, world: int, port: int, config: dict[str, Any], shards
         loss_fn = TokenizerLoss(tok)
         params = model.trainable_parameters()
         optimizer = torch.optim.Adam(params, lr=t.lr, betas=t.betas)
-        stream = ImageStream(records, rank, world, t.seed, tok.image_size, t.augment.min_scale, t.max_image_pixels)
+        stream = ImageStream(records, rank, world, t.seed, tok.image_size, t.augment.min_scale, cfg.limits)
         if engine == "deepspeed":
             net = make_engine(model, optimizer, deepspeed_config(t.deepspeed, t.micro_batch_size, 1, t.grad_clip))
 

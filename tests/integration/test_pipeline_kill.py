@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from tokenflow.data.manifest import content_digest
+from tokenflow.data.manifest import LEASE_NAME, content_digest
 
 from tests.conftest import REPO
 
@@ -65,8 +65,13 @@ def test_kill_during_pretokenize_then_rerun_matches_a_clean_run(tmp_path):
     (reference,) = clean.glob("pretokenize/*")
     assert reference.name == out.name
     made, expected = _tree(out), _tree(reference)
-    # Each manifest names the MLflow run that wrote it; everything else is byte-identical.
+    # Each manifest names the MLflow run that wrote it, each lease the run that held it (the lease
+    # is never part of the output); everything else is byte-identical.
     manifests = [json.loads(tree.pop("_MANIFEST.json")) for tree in (made, expected)]
+    leases = [json.loads(tree.pop(LEASE_NAME)) for tree in (made, expected)]
+    assert all(lease["released"] for lease in leases) and leases[0]["owner"] != leases[1]["owner"]
+    for tree in (made, expected):
+        tree.pop(LEASE_NAME + ".lock", None)
     assert made == expected
     assert manifests[0]["mlflow_run_id"] != manifests[1]["mlflow_run_id"]
     assert content_digest(manifests[0]) == content_digest(manifests[1])
