@@ -10,7 +10,7 @@ from tokenflow.models.generator import (NextScaleGenerator, TextBatch, block_cau
                                        scale_losses)
 from tokenflow.models.language_model import build_language_model
 from tokenflow.models.quantizer import CodebookFeatures, resize
-from tokenflow.models.sampling import filter_logits, guidance, guided_logits, sample_tokens
+from tokenflow.models.sampling import filter_logits, guidance, guided_logits, sample_from, sample_tokens
 from tokenflow.models.tokenizer import TokenFlowTokenizer
 
 TINY_LM = LanguageModelConfig(architecture={
@@ -167,6 +167,9 @@ class _KnownLogits:
     def __init__(self):
         self.calls = []
 
+    def sampling_cache(self, text):
+        return lambda scale_tokens, scale, draft=None: self.scale_logits(text, scale_tokens, scale, draft)
+
     def scale_logits(self, text, scale_tokens, scale, draft=None):
         self.calls.append((scale, draft is not None, [t.shape for t in scale_tokens]))
         b = text.ids.shape[0]
@@ -224,6 +227,65 @@ def test_sampler_runs_on_the_real_model(tiny_config):
     tokens = sample_tokens(model, text, empty, SamplingConfig(top_k=(50, 1), top_p=(0.8, 0.0)),
                            torch.Generator().manual_seed(0))
     assert tokens.shape == (2, 130) and tokens.min() >= 0 and tokens.max() < 512
+
+
+@pytest.mark.parametrize("lm_cfg", [TINY_LM, TINY_LLAMA, TINY_LM.model_copy(update={"attn_implementation": "sdpa"})],
+                         ids=["qwen3", "llama-qk-norm", "qwen3-sdpa"])
+def test_kv_cached_sampler_returns_the_uncached_tokens(tiny_config, lm_cfg):
+    """fp32: the cached sampler (new positions only) draws exactly the tokens of the full
+    recomputation for the same seed, with the reference's three rounds and a negative prompt."""
+    torch.manual_seed(0)
+    tok = TokenFlowTokenizer(tiny_config, with_teacher=False)
+    model = NextScaleGenerator(build_language_model(lm_cfg, vocab_size=40),
+                               CodebookFeatures.from_quantizer(tok.quantizer), 4, 5, qk_norm=True).eval()
+    text = left_pad([[1, 7, 8, 9], [1, 10], [1, 11, 12]], pad_id=0)
+    negative = left_pad([[1, 13]], pad_id=0)
+    cfg = SamplingConfig(cfg_scale=3.0, top_k=(300, 100, 1), top_p=(0.8, 0.8, 0.0))
+    cached = sample_tokens(model, text, negative, cfg, torch.Generator().manual_seed(3))
+    full = sample_tokens(model, text, negative, cfg, torch.Generator().manual_seed(3), use_cache=False)
+    assert torch.equal(cached, full)
+
+
+def test_kv_cache_logits_match_scale_logits_and_refuse_out_of_order_calls(tiny_config):
+    model = _generator(tiny_config).eval()
+    text = left_pad([[1, 7, 8, 9], [1, 10]], pad_id=0)
+    tokens = torch.randint(0, 512, (2, 130)).split([s * s for s in model.scales], dim=1)
+    cache = model.sampling_cache(text)
+    with torch.no_grad():
+        for j in range(len(model.scales)):
+            torch.testing.assert_close(cache(list(tokens), j), model.scale_logits(text, list(tokens), j))
+            if j > 0:  # a refinement round: its draft block is not kept in the cache
+                draft = torch.randint(0, 512, tokens[j].shape)
+                torch.testing.assert_close(cache(list(tokens), j, draft),
+                                           model.scale_logits(text, list(tokens), j, draft))
+        assert cache.cache.get_seq_length() == text.ids.shape[1] + 130
+        with pytest.raises(ValueError, match="out of order"):
+            cache(list(tokens), 2)
+
+
+def test_batched_prompts_draw_the_tokens_each_draws_alone(tiny_config):
+    """Prompts of different lengths batched, two rows each with the prompt's own generator: the
+    same tokens as sampling each prompt alone (fp32; the eval stage's batching)."""
+    model = _generator(tiny_config).eval()
+    prompts, negative = [[1, 7, 8, 9], [1, 10], [1, 11, 12]], left_pad([[1]], pad_id=0)
+    cfg = SamplingConfig(cfg_scale=3.0, top_k=(300, 100, 1), top_p=(0.8, 0.8, 0.0))
+    gens = [torch.Generator().manual_seed(10 + i) for i in range(3)]
+    batched = sample_tokens(model, left_pad([p for p in prompts for _ in range(2)], 0), negative, cfg,
+                            [g for g in gens for _ in range(2)])
+    alone = [sample_tokens(model, left_pad([p, p], 0), negative, cfg, torch.Generator().manual_seed(10 + i))
+             for i, p in enumerate(prompts)]
+    assert torch.equal(batched, torch.cat(alone))
+
+
+def test_per_row_generators_make_a_prompts_draws_independent_of_its_batch():
+    logits = torch.randn(3, 5, 50)
+    rows = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    together = sample_from(logits, 0, 0.0, 1.0, [rows[0], rows[0], rows[1]])
+    first = sample_from(logits[:2], 0, 0.0, 1.0, torch.Generator().manual_seed(1))
+    second = sample_from(logits[2:], 0, 0.0, 1.0, torch.Generator().manual_seed(2))
+    assert torch.equal(together, torch.cat([first, second]))
+    with pytest.raises(ValueError, match="generators"):
+        sample_from(logits, 0, 0.0, 1.0, rows)
 
 
 @pytest.mark.parametrize("bad", [{"top_k": (1, 2), "top_p": (0.5,)}, {"top_p": (1.5, 0.1, 0.0)}])

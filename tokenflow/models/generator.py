@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from tokenflow.models.language_model import add_qk_norm, freeze_untied_output_head, hidden_size
 from tokenflow.models.quantizer import CodebookFeatures
@@ -64,10 +64,19 @@ def block_ids(text_len: int, scales: tuple[int, ...], scales_shown: int, with_en
 def block_causal_mask(blocks: torch.Tensor, key_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive 4-D mask [B, 1, T, T]: 0 where a query may attend a key, the dtype's minimum
     elsewhere. ``key_valid`` [B, T] masks padding; every position always sees itself."""
-    allowed = blocks[None, :, None] >= blocks[None, None, :]  # [1, T(query), T(key)]
+    return block_mask(blocks, blocks, key_valid, dtype)
+
+
+def block_mask(query_blocks: torch.Tensor, key_blocks: torch.Tensor, key_valid: torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor:
+    """:func:`block_causal_mask` for the last ``n`` of ``T`` positions (a KV-cached step): [B, 1, n, T].
+    The queries are the last ``n`` keys; a query sees valid keys of blocks <= its own, and itself."""
+    n, t = query_blocks.numel(), key_blocks.numel()
+    allowed = key_blocks[None, None, :] <= query_blocks[None, :, None]  # [1, n(query), T(key)]
     allowed = allowed & key_valid[:, None, :]
-    allowed = allowed | torch.eye(blocks.numel(), dtype=torch.bool, device=blocks.device)[None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=blocks.device)
+    keys = torch.arange(t, device=key_blocks.device)
+    allowed = allowed | (keys[None, :] == keys[t - n :, None])[None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=key_blocks.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
@@ -95,14 +104,18 @@ class ImageInputEmbedding(nn.Module):
         self.level = nn.Parameter(torch.randn(len(scales), width) * 0.02)
         self.position = nn.Parameter(torch.randn(sum(s * s for s in scales), width) * 0.02)
 
-    def forward(self, start: torch.Tensor, scale_inputs: list[torch.Tensor]) -> torch.Tensor:
-        """``start`` [B, s0*s0, H] and scale inputs [B, s_j*s_j, D] for j = 1.. -> [B, n, H]."""
-        blocks = [start] + [self.feature_proj(x.to(start.dtype)) for x in scale_inputs]
-        out, offset = [], 0
-        for j, block in enumerate(blocks):
-            n = self.scales[j] ** 2
-            out.append(block + self.level[j] + self.position[offset : offset + n])
-            offset += n
+    def forward(self, blocks: list[torch.Tensor], first: int = 0) -> torch.Tensor:
+        """Inputs of scales ``first, first + 1, ...`` -> [B, sum s^2, H]. ``blocks[k]`` holds scale
+        ``first + k``'s raw input: the start embeddings [B, s0*s0, H] for scale 0, features
+        [B, s*s, D] for later scales."""
+        offsets = [0]
+        for s in self.scales:
+            offsets.append(offsets[-1] + s * s)
+        out = []
+        for j, block in enumerate(blocks, start=first):
+            if j > 0:
+                block = self.feature_proj(block.to(self.level.dtype))
+            out.append(block + self.level[j] + self.position[offsets[j] : offsets[j + 1]])
         return torch.cat(out, dim=1)
 
 
@@ -127,12 +140,16 @@ class NextScaleGenerator(nn.Module):
     def scales(self) -> tuple[int, ...]:
         return self.codebook.scales
 
+    def start_embeddings(self, batch: int, device: torch.device) -> torch.Tensor:
+        """The ``<boi>`` embedding at every position of scale 0: [B, s0*s0, H]."""
+        ids = torch.full((batch, self.scales[0] ** 2), self.image_start_id, device=device)
+        return self.lm.get_input_embeddings()(ids)
+
     def hidden_states(self, text: TextBatch, scale_inputs: list[torch.Tensor], with_end: bool) -> torch.Tensor:
         """Last hidden states of the text + the image blocks of scales ``0..len(scale_inputs)``."""
         embed = self.lm.get_input_embeddings()
         b, t = text.ids.shape
-        start = embed(torch.full((b, self.scales[0] ** 2), self.image_start_id, device=text.ids.device))
-        image = self.image_inputs(start, scale_inputs)
+        image = self.image_inputs([self.start_embeddings(b, text.ids.device), *scale_inputs])
         parts = [embed(text.ids), image]
         if with_end:
             parts.append(embed(torch.full((b, 1), self.image_end_id, device=text.ids.device)))
@@ -170,3 +187,68 @@ class NextScaleGenerator(nn.Module):
         hidden = self.hidden_states(text, inputs, with_end=False)
         size = self.scales[scale] ** 2
         return self.image_head(hidden[:, -size:]).float()
+
+    def sampling_cache(self, text: TextBatch) -> "ScaleCache":
+        """A KV-cached :meth:`scale_logits` for sampling the prompts ``text`` (see :class:`ScaleCache`)."""
+        return ScaleCache(self, text)
+
+
+class ScaleCache:
+    """:meth:`NextScaleGenerator.scale_logits` for one batch of prompts, running only the new
+    positions: the text and every finished scale block stay in a KV cache.
+
+    Calls follow sampling order. Scale ``i`` without a draft appends its block to the cache (its
+    input, from the scales before it, is final: later scales see exactly this block); a call with
+    a draft (a refinement round of the latest scale) runs that block against the cache without
+    the committed block of the same scale, as the full recomputation would, and is dropped from
+    the cache again. Positions, mask and inputs equal :meth:`~NextScaleGenerator.hidden_states`'s,
+    so the logits equal the uncached ones up to floating-point rounding.
+    """
+
+    def __init__(self, model: NextScaleGenerator, text: TextBatch):
+        self.model, self.text = model, text
+        self.cache = DynamicCache(config=model.lm.config)
+        self.key_blocks = torch.empty(0, dtype=torch.long, device=text.ids.device)
+        self.key_valid = torch.empty(text.ids.shape[0], 0, dtype=torch.bool, device=text.ids.device)
+        self.scales_cached = 0
+
+    def __call__(self, scale_tokens: list[torch.Tensor], scale: int, draft: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, s*s, K] of scale index ``scale`` (the arguments of ``scale_logits`` but the text)."""
+        model, text = self.model, self.text
+        b, t = text.ids.shape
+        scales = model.scales
+        expected = self.scales_cached - 1 if draft is not None else self.scales_cached
+        if scale != expected or (scale == 0 and draft is not None):
+            raise ValueError(f"scale {scale}{' with a draft' if draft is not None else ''} out of order: "
+                             f"{self.scales_cached} scales are cached")
+        if scale == 0:
+            embed = model.lm.get_input_embeddings()
+            inputs = torch.cat([embed(text.ids), model.image_inputs([model.start_embeddings(b, text.ids.device)])], 1)
+            blocks = block_ids(t, scales, 1, with_end=False).to(inputs.device)
+            valid = torch.cat([text.mask, torch.ones(b, scales[0] ** 2, dtype=torch.bool, device=text.mask.device)], 1)
+            positions = (valid.long().cumsum(1) - 1).clamp_min(0)
+        else:
+            shown = scale_tokens[:scale] + ([draft] if draft is not None else [])
+            inputs = model.image_inputs([model.codebook.scale_input(shown, scale)], first=scale)
+            size = scales[scale] ** 2
+            blocks = torch.full((size,), t + scale, device=inputs.device)
+            valid = torch.ones(b, size, dtype=torch.bool, device=text.mask.device)
+            before = sum(s * s for s in scales[:scale])
+            positions = text.mask.sum(1, keepdim=True) + before + torch.arange(size, device=text.mask.device)
+        key_valid = torch.cat([self.key_valid, valid], 1)
+        if draft is not None:  # the committed block of this scale is not visible to its redraft
+            key_valid = key_valid.clone()
+            key_valid[:, -2 * blocks.numel() : -blocks.numel()] = False
+        mask = block_mask(blocks, torch.cat([self.key_blocks, blocks]), key_valid, inputs.dtype)
+        cached = self.cache.get_seq_length()
+        out = model.lm.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
+                                  past_key_values=self.cache, use_cache=True)
+        if self.cache.get_seq_length() != cached + blocks.numel():
+            raise RuntimeError(f"{type(model.lm).__name__} did not fill the KV cache (training mode with "
+                               "gradient checkpointing turns it off: sample in eval mode)")
+        if draft is not None:
+            self.cache.crop(-blocks.numel())
+        else:
+            self.key_blocks, self.key_valid = torch.cat([self.key_blocks, blocks]), key_valid
+            self.scales_cached += 1
+        return model.image_head(out.last_hidden_state[:, -scales[scale] ** 2 :]).float()

@@ -6,11 +6,17 @@ is sampled in ``len(top_k)`` rounds, as in the reference sampler: round 0 sample
 scale's logits; round r > 0 recomputes them with the previous round's draft of this scale
 shown to the model, filters with ``(top_k[r], top_p[r])`` and replaces the draft. The defaults
 ``[1200, 100, 1]`` / ``[0.8, 0.8, 0]`` end with a greedy round. The first scale uses round 0 only.
+
+The conditional and unconditional rows run as one batch, through the model's KV cache by
+default (each scale and round computes only its new positions); ``use_cache=False`` recomputes
+the whole prefix every time, as the reference sampler does. Rows may carry their own random
+generators, so a prompt's images do not depend on the prompts batched with it.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from itertools import groupby
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +25,17 @@ from tokenflow.config import SamplingConfig
 from tokenflow.models.generator import TextBatch
 
 
+ScaleLogits = Callable[[list[torch.Tensor], int, "torch.Tensor | None"], torch.Tensor]
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
 class ScaleModel(Protocol):
     scales: tuple[int, ...]
 
     def scale_logits(self, text: TextBatch, scale_tokens: list[torch.Tensor], scale: int,
                      draft: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def sampling_cache(self, text: TextBatch) -> ScaleLogits: ...
 
 
 def guidance(scale: int, num_scales: int, cfg_scale: float) -> float:
@@ -53,11 +65,24 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def sample_from(logits: torch.Tensor, top_k: int, top_p: float, temperature: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per position from filtered logits [..., K] -> indices [...]."""
+                generator: Generators) -> torch.Tensor:
+    """One draw per position from filtered logits [B, ..., K] -> indices [B, ...]. ``generator``:
+    one for every row, or one per row (consecutive rows sharing a generator draw together)."""
     filtered = filter_logits(logits / temperature, top_k, top_p)
-    probs = filtered.softmax(dim=-1).reshape(-1, logits.shape[-1])
-    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+    probs = filtered.softmax(dim=-1)
+    if generator is None or isinstance(generator, torch.Generator):
+        draws = torch.multinomial(probs.reshape(-1, logits.shape[-1]), 1, generator=generator)
+        return draws.view(logits.shape[:-1])
+    if len(generator) != logits.shape[0]:
+        raise ValueError(f"{len(generator)} generators for {logits.shape[0]} rows")
+    out, start = [], 0
+    for g, rows in groupby(generator, key=id):
+        n = len(list(rows))
+        part = probs[start : start + n]
+        out.append(torch.multinomial(part.reshape(-1, logits.shape[-1]), 1, generator=generator[start])
+                   .view(part.shape[:-1]))
+        start += n
+    return torch.cat(out)
 
 
 def _with_unconditional(text: TextBatch, negative: TextBatch) -> TextBatch:
@@ -75,11 +100,16 @@ def _with_unconditional(text: TextBatch, negative: TextBatch) -> TextBatch:
 
 @torch.no_grad()
 def sample_tokens(model: ScaleModel, text: TextBatch, negative: TextBatch, cfg: SamplingConfig,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: Generators = None, use_cache: bool = True) -> torch.Tensor:
     """Sample image tokens [B, sum s^2] for prompts ``text``; ``negative`` is the one-row prompt of
     the unconditional branch (the empty prompt, or ``cfg.negative_prompt`` tokenized)."""
     b = text.ids.shape[0]
     both = _with_unconditional(text, negative)
+    if use_cache:
+        logits_of = model.sampling_cache(both)
+    else:
+        def logits_of(shown: list[torch.Tensor], scale: int, draft: torch.Tensor | None) -> torch.Tensor:
+            return model.scale_logits(both, shown, scale, draft)
     n = len(model.scales)
     scale_tokens: list[torch.Tensor] = []
     for i in range(n):
@@ -88,7 +118,7 @@ def sample_tokens(model: ScaleModel, text: TextBatch, negative: TextBatch, cfg: 
         draft = None
         for r in range(rounds):
             shown = [torch.cat([t, t]) for t in scale_tokens]
-            logits = model.scale_logits(both, shown, i, None if draft is None else torch.cat([draft, draft]))
+            logits = logits_of(shown, i, None if draft is None else torch.cat([draft, draft]))
             guided = guided_logits(logits[:b], logits[b:], weight)
             draft = sample_from(guided, cfg.top_k[r], cfg.top_p[r], cfg.temperature, generator)
         scale_tokens.append(draft)
