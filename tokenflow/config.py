@@ -543,6 +543,8 @@ class GenerationEvalConfig(StrictModel):
     metadata_url: str | None = Field(default=None, description="Official evaluation_metadata.jsonl (geneval).")
     shapes_per_tag: int = Field(10, gt=0, description="Prompts per tag of the shapes set.")
     images_per_prompt: int = Field(4, gt=0)
+    batch_size: int = Field(16, gt=0, description="Images sampled together (whole prompts, at least "
+                            "one; classifier-free guidance adds as many unconditional rows).")
     detector_path: str | None = Field(default=None, description="transformers detector directory (geneval).")
     detector_min_score: float = Field(0.05, ge=0.0, lt=1.0)
     clip_model: str = Field("ViT-L-14-quickgelu", description="open_clip architecture of clip_weights.")

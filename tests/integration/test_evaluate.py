@@ -24,6 +24,7 @@ from tokenflow.models.text import IMAGE_END, IMAGE_START, chat_answer, chat_prom
 from tokenflow.models.tokenizer import TokenFlowTokenizer
 from tokenflow.models.understanding import UnderstandingModel
 from tokenflow.models.weights import load_tokenizer, save_tokenizer
+from tokenflow.seeding import seed_for
 from tokenflow.stages.eval_generation import run_eval_generation
 from tokenflow.stages.eval_reconstruction import run_eval_reconstruction
 from tokenflow.stages.eval_understanding import run_eval_understanding
@@ -139,21 +140,31 @@ def test_eval_reconstruction(corpus, tiny_tokenizer_path, tmp_path):
 
 def test_eval_generation_scores_a_failed_generation_as_zero(corpus, exports, tiny_tokenizer_path, tmp_path,
                                                             monkeypatch):
-    calls = []
-    real = runners.sample_tokens
+    """Prompts are sampled in batches; a batch that raises is retried prompt by prompt and only
+    the prompt that fails alone (the trained model's second) scores 0."""
+    cfg = _config(tmp_path / "gen", "eval.generation.batch_size=4")  # 2 prompts x 2 images per batch
+    calls: list[list[int]] = []
+    trained: list = []  # the first model sampled is the trained one
+    real = runners.sample_prompt_images
+    bad_seed = seed_for(cfg.eval.seed, 1)
 
-    def flaky(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # the trained model's second prompt
+    def flaky(model, tok, tokenizer, prompts, n, sampling, seeds, max_text_tokens):
+        trained[:] = trained or [model]
+        calls.append(list(seeds))
+        if model is trained[0] and bad_seed in seeds:
             raise RuntimeError("sampler exploded")
-        return real(*args, **kwargs)
+        return real(model, tok, tokenizer, prompts, n, sampling, seeds, max_text_tokens)
 
-    monkeypatch.setattr(runners, "sample_tokens", flaky)
+    monkeypatch.setattr(runners, "sample_prompt_images", flaky)
     out = tmp_path / "gen"
-    manifest = run_eval_generation(_config(out), corpus, exports[0], str(tiny_tokenizer_path), str(out))
+    manifest = run_eval_generation(cfg, corpus, exports[0], str(tiny_tokenizer_path), str(out))
     client, run = _finished_run(out, manifest, "eval_generation")
     prompts = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
-    assert len(prompts) >= 4 and len(calls) == 2 * len(prompts)
+    assert len(prompts) >= 4
+    seeds = [seed_for(cfg.eval.seed, i) for i in range(len(prompts))]
+    batches = [seeds[i : i + 2] for i in range(0, len(prompts), 2)]
+    # trained: every batch, then the failed one's prompts alone; the baseline: every batch once
+    assert calls == batches[:1] + [[seeds[0]], [seeds[1]]] + batches[1:] + batches
 
     table = pq.read_table(out / "results.parquet").to_pylist()
     assert len(table) == 2 * len(prompts)

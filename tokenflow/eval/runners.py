@@ -1,8 +1,10 @@
 """Running models on the benchmarks: GenEval images from the generator, MME replies from the
 understanding model, and the untrained baselines both are compared with.
 
-Generation: a prompt's ``n`` images are one batch, sampled with a generator seeded from
-``(seed, prompt index)``, so they depend on neither the other prompts nor their number. Prompts
+Generation: whole prompts are batched (``batch_size`` images, each with its unconditional row);
+a prompt's ``n`` images draw from a generator seeded from ``(seed, prompt index)``, so they
+depend on neither the other prompts nor their number (up to floating-point rounding in the
+batched model, which can move a draw that sits on a probability boundary). Prompts
 are tokenized as in training (``<s>`` + caption, cut to ``max_text_tokens``); the sampling
 config's negative prompt (by default the empty prompt ``<s>``) is the unconditional input. A prompt whose sampling or decoding raises scores 0 on every
 one of its images, the error as the reason: failures are counted, never skipped.
@@ -92,48 +94,69 @@ class Generation:
 
 
 def sample_prompt_images(model: NextScaleGenerator, tok: PreTrainedTokenizerBase, tokenizer: TokenFlowTokenizer,
-                         prompt: str, n: int, sampling: SamplingConfig, seed: int,
+                         prompts: Sequence[str], n: int, sampling: SamplingConfig, seeds: Sequence[int],
                          max_text_tokens: int) -> torch.Tensor:
-    """``n`` images ``[n, 3, S, S]`` in [0, 1] (CPU) for one prompt."""
+    """``n`` images per prompt, ``[len(prompts) * n, 3, S, S]`` in [0, 1] (CPU), sampled as one
+    batch; prompt ``p``'s rows draw from their own generator seeded ``seeds[p]``."""
     device = _device(model)
-    ids = generation_prompt(tok, prompt, max_text_tokens)[0]
+    ids = [generation_prompt(tok, prompt, max_text_tokens)[0] for prompt in prompts]
     negative = generation_prompt(tok, sampling.negative_prompt, max_text_tokens)[0]
-    text, uncond = left_pad([ids] * n, tok.pad_token_id), left_pad([negative], tok.pad_token_id)
+    text = left_pad([row for row in ids for _ in range(n)], tok.pad_token_id)
+    uncond = left_pad([negative], tok.pad_token_id)
+    generators = [g for seed in seeds for g in [torch.Generator(device=device).manual_seed(seed)] * n]
     tokens = sample_tokens(model, TextBatch(text.ids.to(device), text.mask.to(device)),
-                           TextBatch(uncond.ids.to(device), uncond.mask.to(device)), sampling,
-                           torch.Generator(device=device).manual_seed(seed))
+                           TextBatch(uncond.ids.to(device), uncond.mask.to(device)), sampling, generators)
     images = tokenizer.decode_indices(tokens.to(_device(tokenizer))).clamp(0, 1).cpu()
-    if images.shape[0] != n:
-        raise ValueError(f"expected {n} images, got {images.shape[0]}")
+    if images.shape[0] != n * len(prompts):
+        raise ValueError(f"expected {n * len(prompts)} images, got {images.shape[0]}")
     return images
 
 
 def generate_and_score(model: NextScaleGenerator, tok: PreTrainedTokenizerBase, tokenizer: TokenFlowTokenizer,
                        prompts: Sequence[GenEvalPrompt], images_per_prompt: int, sampling: SamplingConfig,
                        seed: int, max_text_tokens: int, detector: ObjectDetector, color_classifier: ColorClassifier,
-                       rules: GenEvalRules, keep: Container[int] = (),
+                       rules: GenEvalRules, keep: Container[int] = (), batch_size: int = 1,
                        ) -> tuple[list[Generation], dict[int, torch.Tensor]]:
-    """Sample and score ``images_per_prompt`` images per prompt; also returns the images of the
-    prompt indices in ``keep`` (for grids; the rest are not held in memory)."""
+    """Sample and score ``images_per_prompt`` images per prompt, whole prompts batched up to
+    ``batch_size`` images; also returns the images of the prompt indices in ``keep`` (for grids;
+    the rest are not held in memory). A batch that raises is retried prompt by prompt, so only
+    the prompts that fail on their own score 0."""
     out: list[Generation] = []
     kept: dict[int, torch.Tensor] = {}
     model.eval()
-    for i, prompt in enumerate(prompts):
-        try:
-            images = sample_prompt_images(model, tok, tokenizer, prompt.prompt, images_per_prompt, sampling,
-                                          seed_for(seed, i), max_text_tokens)
-        except Exception as exc:  # scored 0 and counted, whatever went wrong with this prompt
-            log.warning("generation failed for prompt %d (%r): %s", i, prompt.prompt, exc)
-            reason = f"generation failed: {type(exc).__name__}: {exc}"
-            out.extend(Generation(i, j, ImageResult(prompt.tag, prompt.prompt, False, reason), True)
-                       for j in range(images_per_prompt))
-            continue
-        if i in keep:
-            kept[i] = images
-        for j, pixels in enumerate(to_uint8(images)):
-            result = score_image(Image.fromarray(pixels), prompt, detector, color_classifier, rules)
-            out.append(Generation(i, j, result, False))
+    per_batch = max(1, batch_size // images_per_prompt)
+    for start in range(0, len(prompts), per_batch):
+        for i, images, error in _sample_batch(model, tok, tokenizer, prompts, range(start, min(start + per_batch, len(prompts))),
+                                              images_per_prompt, sampling, seed, max_text_tokens):
+            prompt = prompts[i]
+            if images is None:
+                reason = f"generation failed: {error}"
+                out.extend(Generation(i, j, ImageResult(prompt.tag, prompt.prompt, False, reason), True)
+                           for j in range(images_per_prompt))
+                continue
+            if i in keep:
+                kept[i] = images
+            for j, pixels in enumerate(to_uint8(images)):
+                out.append(Generation(i, j, score_image(Image.fromarray(pixels), prompt, detector, color_classifier,
+                                                        rules), False))
     return out, kept
+
+
+def _sample_batch(model: NextScaleGenerator, tok: PreTrainedTokenizerBase, tokenizer: TokenFlowTokenizer,
+                  prompts: Sequence[GenEvalPrompt], indices: Sequence[int], n: int, sampling: SamplingConfig,
+                  seed: int, max_text_tokens: int) -> list[tuple[int, torch.Tensor | None, str]]:
+    """(prompt index, its ``n`` images or None, the error) for each of ``indices``."""
+    try:
+        images = sample_prompt_images(model, tok, tokenizer, [prompts[i].prompt for i in indices], n, sampling,
+                                      [seed_for(seed, i) for i in indices], max_text_tokens)
+        return [(i, images[k * n : (k + 1) * n], "") for k, i in enumerate(indices)]
+    except Exception as exc:  # scored 0 and counted, whatever went wrong with the prompt
+        if len(indices) > 1:
+            log.warning("a batch of %d prompts failed (%s): sampling them one by one", len(indices), exc)
+            return [row for i in indices for row in _sample_batch(model, tok, tokenizer, prompts, [i], n, sampling,
+                                                                  seed, max_text_tokens)]
+        log.warning("generation failed for prompt %d (%r): %s", indices[0], prompts[indices[0]].prompt, exc)
+        return [(indices[0], None, f"{type(exc).__name__}: {exc}")]
 
 
 def score_reconstructions(tokenizer: TokenFlowTokenizer, sources: Sequence[bytes], prompts: Sequence[GenEvalPrompt],

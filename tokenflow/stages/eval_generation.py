@@ -102,7 +102,7 @@ def run_eval_generation(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any], g
     rules = GenEvalRules(**g.rules.model_dump())
     shown = _grid_prompts(prompts)
     args = (prompts, g.images_per_prompt, g.sampling or t.sampling, cfg.eval.seed,
-            t.language_model.max_text_tokens, detector, classifier, rules, shown)
+            t.language_model.max_text_tokens, detector, classifier, rules, shown, g.batch_size)
     with tempfile.TemporaryDirectory() as tmp, StageRun(
             cfg, "eval_generation", {"eval", "train_generator"}, out_url, inputs, link,
             f"GenEval ({g.benchmark}) of the trained generator, against an untrained one"
