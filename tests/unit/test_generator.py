@@ -277,6 +277,14 @@ def test_batched_prompts_draw_the_tokens_each_draws_alone(tiny_config):
     assert torch.equal(batched, torch.cat(alone))
 
 
+def test_top_k_draws_only_among_the_k_most_likely_then_the_nucleus():
+    logits = torch.tensor([0.0, 5.0, 1.0, 4.0, 3.0]).expand(1, 2000, 5)
+    assert set(sample_from(logits, 2, 0.0, 1.0, torch.Generator().manual_seed(0)).unique().tolist()) == {1, 3}
+    # among the top 3 (probabilities .67, .24, .09) a nucleus of 0.8 keeps two
+    assert set(sample_from(logits, 3, 0.8, 1.0, torch.Generator().manual_seed(0)).unique().tolist()) == {1, 3}
+    assert set(sample_from(logits, 0, 0.0, 1.0, torch.Generator().manual_seed(0)).unique().tolist()) == set(range(5))
+
+
 def test_per_row_generators_make_a_prompts_draws_independent_of_its_batch():
     logits = torch.randn(3, 5, 50)
     rows = [torch.Generator().manual_seed(s) for s in (1, 2)]

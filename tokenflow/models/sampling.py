@@ -67,20 +67,30 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 def sample_from(logits: torch.Tensor, top_k: int, top_p: float, temperature: float,
                 generator: Generators) -> torch.Tensor:
     """One draw per position from filtered logits [B, ..., K] -> indices [B, ...]. ``generator``:
-    one for every row, or one per row (consecutive rows sharing a generator draw together)."""
-    filtered = filter_logits(logits / temperature, top_k, top_p)
-    probs = filtered.softmax(dim=-1)
+    one for every row, or one per row (consecutive rows sharing a generator draw together).
+
+    With ``top_k`` the draw is among the ``top_k`` most likely tokens only (exactly ``top_k``:
+    ties at the boundary go to the lower index), so nucleus filtering and the draw work on
+    ``top_k`` candidates instead of the whole codebook."""
+    scaled = logits / temperature
+    candidates = None
+    if 0 < top_k < logits.shape[-1]:
+        scaled, candidates = scaled.topk(top_k, dim=-1)
+    probs = filter_logits(scaled, 0, top_p).softmax(dim=-1)
+    draws = _multinomial(probs, generator)
+    return draws if candidates is None else candidates.gather(-1, draws[..., None])[..., 0]
+
+
+def _multinomial(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """One index per row of ``probs`` [B, ..., C] -> [B, ...], drawn with the row's generator."""
     if generator is None or isinstance(generator, torch.Generator):
-        draws = torch.multinomial(probs.reshape(-1, logits.shape[-1]), 1, generator=generator)
-        return draws.view(logits.shape[:-1])
-    if len(generator) != logits.shape[0]:
-        raise ValueError(f"{len(generator)} generators for {logits.shape[0]} rows")
+        return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
+    if len(generator) != probs.shape[0]:
+        raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows")
     out, start = [], 0
-    for g, rows in groupby(generator, key=id):
+    for _, rows in groupby(generator, key=id):
         n = len(list(rows))
-        part = probs[start : start + n]
-        out.append(torch.multinomial(part.reshape(-1, logits.shape[-1]), 1, generator=generator[start])
-                   .view(part.shape[:-1]))
+        out.append(_multinomial(probs[start : start + n], generator[start]))
         start += n
     return torch.cat(out)
 
