@@ -577,6 +577,32 @@ class UnderstandingEvalConfig(StrictModel):
         return self
 
 
+class POPEEvalConfig(StrictModel):
+    """POPE on the understanding model: the shapes set (CPU) or the official release."""
+
+    benchmark: Literal["shapes", "pope"] = "shapes"
+    root_url: str | None = Field(default=None, description="Directory of the three split files (pope).")
+    image_root_url: str | None = Field(default=None, description="Directory of the images the files "
+                                       "name, e.g. COCO val2014 (pope).")
+    files: str = Field("coco_pope_{split}.json", description="Split file names, {split} = random, "
+                       "popular, adversarial (pope).")
+    shapes_images: int = Field(50, gt=0, description="Images of the shapes set (3 yes/no pairs each per split).")
+    batch_size: int = Field(16, gt=0, description="Questions answered per generate call.")
+    question_suffix: str = Field(" Please answer yes or no.", description="Appended to every question "
+                                 "when it is asked (the shapes corpus trains with this one).")
+
+    @model_validator(mode="after")
+    def _data_given(self) -> "POPEEvalConfig":
+        if self.benchmark == "pope":
+            missing = [k for k in ("root_url", "image_root_url") if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"benchmark pope needs {', '.join(missing)}")
+        if not (self.files.count("{split}") == self.files.count("{") == self.files.count("}") == 1) \
+                or "/" in self.files:
+            raise ValueError(f"files must be a file name holding {{split}} once, got {self.files!r}")
+        return self
+
+
 class EvalConfig(StrictModel):
     """The eval_* stages: benchmarks, scorers' weights, and the untrained baselines' seed."""
 
@@ -585,6 +611,7 @@ class EvalConfig(StrictModel):
     reconstruction: ReconstructionEvalConfig = ReconstructionEvalConfig()
     generation: GenerationEvalConfig = GenerationEvalConfig()
     understanding: UnderstandingEvalConfig = UnderstandingEvalConfig()
+    pope: POPEEvalConfig = POPEEvalConfig()
 
 
 DEFAULT_REGISTERED_MODELS = {

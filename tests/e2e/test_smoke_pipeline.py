@@ -22,12 +22,13 @@ from tests.conftest import REPO, forget_s3_clients
 
 DASHBOARD = "http://127.0.0.1:8265"
 STAGES = ("corpus", "train_tokenizer", "eval_reconstruction", "pretokenize", "train_generator",
-          "train_understanding", "eval_generation", "eval_understanding")
+          "train_understanding", "eval_generation", "eval_understanding", "eval_pope")
 PROMISED = {
     "train_tokenizer": ("loss/total", "codebook/usage", "heldout/psnr", "latent_norm/pixel",
                         "residual/pixel/scale_0_1", "residual/semantic/scale_5_8"),
     "eval_reconstruction": ("psnr", "baseline/psnr", "residual/pixel/scale_5_8", "latent_norm/semantic"),
     "eval_generation": ("overall", "baseline/overall", "reference/overall"),
+    "eval_pope": ("f1", "baseline/f1", "random/f1", "adversarial/yes_ratio", "baseline/popular/accuracy"),
     "train_generator": ("loss/image_tokens", "heldout/loss", "heldout/unigram_entropy"),
     "train_understanding": ("align/loss/answer", "loss/answer", "heldout/yes_no_accuracy", "heldout/majority_rate"),
     "corpus": ("stage_seconds",),
@@ -126,7 +127,7 @@ def test_smoke_pipeline_on_object_storage_and_a_tracking_server_then_cached(stac
     for stage in ("train_tokenizer", "train_generator"):  # system metrics per node, step images
         assert "system/node-0/cpu_utilization_percentage" in children[stage].data.metrics, stage
         assert any(a.path.endswith(".png") for a in client.list_artifacts(children[stage].info.run_id, "images"))
-    for stage in ("eval_reconstruction", "eval_generation", "eval_understanding"):
+    for stage in ("eval_reconstruction", "eval_generation", "eval_understanding", "eval_pope"):
         artifacts = {a.path for a in client.list_artifacts(children[stage].info.run_id)}
         assert "results_table.json" in artifacts, stage
     datasets = {d.dataset.name for d in children["eval_generation"].inputs.dataset_inputs}
@@ -134,9 +135,11 @@ def test_smoke_pipeline_on_object_storage_and_a_tracking_server_then_cached(stac
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "plan.json", "resolved_config.yaml", "overrides.txt", "packages.txt"}
     assert parent.data.tags["tokenflow.cached"] == "false"
-    assert any(k.startswith("eval_generation/") for k in parent.data.metrics)
-    assert any(k.startswith("eval_understanding/") for k in parent.data.metrics)
     assert any(k.startswith("eval_reconstruction/") for k in parent.data.metrics)
+    for headline in ("eval_generation/overall", "eval_understanding/perception", "eval_pope/f1"):
+        # shapes-GenEval, shapes-MME and shapes-POPE side by side with their untrained baselines
+        stage, metric = headline.split("/", 1)
+        assert {headline, f"{stage}/baseline/{metric}"} <= set(parent.data.metrics), headline
 
     _check_registered_models(client, outputs)
     verify = subprocess.run([sys.executable, "-m", "tokenflow.cli", "shards", "verify", outputs["pretokenize"]],

@@ -44,25 +44,26 @@ def completed(tmp_path_factory):
 
 
 ALL = {"corpus", "train_tokenizer", "eval_reconstruction", "pretokenize", "train_generator", "train_understanding",
-       "eval_generation", "eval_understanding"}
+       "eval_generation", "eval_understanding", "eval_pope"}
 
 
 @pytest.mark.parametrize("override,expected", [
     # included: the config a stage reads
     ("train_generator.steps=70", {"train_generator", "eval_generation"}),
-    ("train_understanding.lr=0.0002", {"train_understanding", "eval_understanding"}),
+    ("train_understanding.lr=0.0002", {"train_understanding", "eval_understanding", "eval_pope"}),
     ("pretokenize.micro_batch=8", {"pretokenize", "train_generator", "train_understanding", "eval_generation",
-                                   "eval_understanding"}),
+                                   "eval_understanding", "eval_pope"}),
     ("pretokenize.compression=snappy", ALL - {"corpus", "train_tokenizer", "eval_reconstruction"}),
     ("train_tokenizer.steps=100", ALL - {"corpus"}),
     ("tokenizer.quantizer.beta=0.5", ALL - {"corpus"}),
     ("corpus.shapes.seed=1", ALL),
     ("eval.generation.images_per_prompt=3", {"eval_generation"}),
     ("eval.understanding.shapes_per_subtask=5", {"eval_understanding"}),
-    ("eval.seed=3", {"eval_reconstruction", "eval_generation", "eval_understanding"}),
+    ("eval.pope.shapes_images=5", {"eval_pope"}),
+    ("eval.seed=3", {"eval_reconstruction", "eval_generation", "eval_understanding", "eval_pope"}),
     # included where it is used: inference settings belong to the evaluations
     ("train_generator.sampling.cfg_scale=1.5", {"eval_generation"}),
-    ("train_understanding.max_new_tokens=3", {"eval_understanding"}),
+    ("train_understanding.max_new_tokens=3", {"eval_understanding", "eval_pope"}),
     # the resolved device counts, not the setting: auto already resolved to the CPU here
     ("train_generator.use_gpu=false", set()),
     ("eval.device=cpu", set()),
@@ -88,7 +89,7 @@ def test_one_config_change_reruns_exactly_what_it_changes(completed, override, e
 
 @pytest.mark.parametrize("change,expected", [
     ({"cluster_gpus": True}, ALL - {"corpus"}),  # the tokenizer trains on GPUs: everything after it
-    ({"driver_gpu": True}, {"eval_reconstruction", "eval_generation", "eval_understanding"}),
+    ({"driver_gpu": True}, {"eval_reconstruction", "eval_generation", "eval_understanding", "eval_pope"}),
     ({"libraries": {**LIBRARIES, "torch": "2.1"}}, ALL - {"corpus"}),
     ({"libraries": {**LIBRARIES, "deepspeed": "0.2"}}, ALL - {"corpus"}),
     ({"libraries": {**LIBRARIES, "pillow": "11.0"}}, ALL),
@@ -277,7 +278,7 @@ def test_complete_stages_are_cached_and_partial_runs_need_their_inputs(tmp_path)
     assert partial["pretokenize"] == "run" and partial["train_generator"] == "skipped"
     started = {p.name: p.status for p in plan(cfg, str(tmp_path), start="pretokenize", env=ENV)}
     assert [n for n, s in started.items() if s in ("run", "pending")] == [
-        "pretokenize", "train_generator", "train_understanding", "eval_generation", "eval_understanding"]
+        "pretokenize", "train_generator", "train_understanding", "eval_generation", "eval_understanding", "eval_pope"]
     assert started["eval_reconstruction"] == "skipped"
     assert "eval_reconstruction" in describe(plan(cfg, str(tmp_path), env=ENV))
 
@@ -298,12 +299,15 @@ def test_full_py_validates_the_config_before_any_cluster_work(tmp_path):
     bad = subprocess.run([sys.executable, "pipelines/full.py", "--config", str(SMOKE), "--set",
                           "train_generator.steps=-1", "--dry-run"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "train_generator.steps" in bad.stderr
+    pope = subprocess.run([sys.executable, "pipelines/full.py", "--config", str(SMOKE), "--set",
+                           "eval.pope.benchmark=pope", "--dry-run"], cwd=REPO, capture_output=True, text=True)
+    assert pope.returncode == 2 and "eval.pope: benchmark pope needs root_url, image_root_url" in pope.stderr
     dry = subprocess.run([sys.executable, "pipelines/full.py", "--config", str(SMOKE), "--storage", str(tmp_path),
                           "--dry-run"], cwd=REPO, capture_output=True, text=True, check=True)
-    assert dry.stdout.count(" run ") + dry.stdout.count(" pending ") == 8 and not (tmp_path / "corpus").exists()
+    assert dry.stdout.count(" run ") + dry.stdout.count(" pending ") == 9 and not (tmp_path / "corpus").exists()
 
 
-@pytest.mark.parametrize("name,count", [("smoke", 8), ("ci", 8), ("tokenflow-b", 10), ("tokenflow-xl", 9)])
+@pytest.mark.parametrize("name,count", [("smoke", 9), ("ci", 9), ("tokenflow-b", 11), ("tokenflow-xl", 10)])
 def test_every_pipeline_config_validates_and_plans(name, count, tmp_path):
     cfg = load_config(REPO / "configs" / "pipelines" / f"{name}.yaml")
     if cfg.corpus.source == "url":  # planning lists the corpus' shards: here, local stand-ins

@@ -32,7 +32,7 @@ QUESTION_SUFFIX = " Please answer yes or no."
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _png_bytes(data: bytes) -> bytes:
+def png_bytes(data: bytes) -> bytes:
     """The image as PNG bytes (unchanged when it already is one)."""
     if data.startswith(_PNG_SIGNATURE):
         return data
@@ -69,7 +69,7 @@ def write_shapes_mme(out_url: str, samples: Iterable[RawSample], per_subtask: in
         if written[subtask] >= per_subtask:
             continue
         name = storage.safe_name(sample.key)
-        storage.write_bytes_atomic(storage.join(out_url, subtask, f"{name}.png"), _png_bytes(sample.image))
+        storage.write_bytes_atomic(storage.join(out_url, subtask, f"{name}.png"), png_bytes(sample.image))
         storage.write_bytes_atomic(storage.join(out_url, subtask, f"{name}.txt"), lines.encode("utf-8"))
         written[subtask] += 1
     return written

@@ -2,7 +2,7 @@
 
     corpus ──► train_tokenizer ──► [finetune_decoder] ──► eval_reconstruction
        │              │
-       ├────────► pretokenize ──────────────► train_understanding ──► eval_understanding
+       ├────────► pretokenize ──────────────► train_understanding ──► eval_understanding, eval_pope
        └────────► [pretokenize_generation] ─► train_generator ──► eval_generation
 
 Bracketed stages exist only when configured: ``finetune_decoder`` (the reference's decoder-only
@@ -28,7 +28,7 @@ Runner = Callable[[TokenFlowConfig, Inputs, str, RunLink], dict[str, Any]]
 
 STAGE_NAMES = ("corpus", "train_tokenizer", "finetune_decoder", "eval_reconstruction", "pretokenize",
                "pretokenize_generation", "train_generator", "train_understanding", "eval_generation",
-               "eval_understanding")
+               "eval_understanding", "eval_pope")
 
 MODEL_LIBRARIES = ("torch", "transformers", "open_clip_torch")
 TRAINING_LIBRARIES = MODEL_LIBRARIES + ("deepspeed",)
@@ -147,6 +147,13 @@ def _eval_understanding(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: Ru
                                   _tokenizer_url(inputs), out, link)
 
 
+def _eval_pope(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink) -> dict[str, Any]:
+    from tokenflow.stages.eval_pope import run_eval_pope
+
+    return run_eval_pope(cfg, _manifest(inputs, "corpus"), _model_dir(inputs, "train_understanding"),
+                         _tokenizer_url(inputs), out, link)
+
+
 _STAGES = "tokenflow.stages."
 
 
@@ -199,10 +206,13 @@ def stages(cfg: TokenFlowConfig) -> tuple[StageSpec, ...]:
                                 "limits"),
                                _STAGES + "eval_generation", partial(_eval_generation, decoder=decoder), device="eval"))
     if cfg.train_understanding is not None:
-        specs.append(StageSpec("eval_understanding", ("corpus", "train_tokenizer", "train_understanding"),
-                               ("eval.understanding", "eval.seed", "train_understanding.max_new_tokens",
-                                "train_understanding.language_model.max_text_tokens", "limits"),
-                               _STAGES + "eval_understanding", _eval_understanding, device="eval"))
+        answering = ("eval.seed", "train_understanding.max_new_tokens",
+                     "train_understanding.language_model.max_text_tokens", "limits")
+        specs += [StageSpec("eval_understanding", ("corpus", "train_tokenizer", "train_understanding"),
+                            ("eval.understanding",) + answering, _STAGES + "eval_understanding", _eval_understanding,
+                            device="eval"),
+                  StageSpec("eval_pope", ("corpus", "train_tokenizer", "train_understanding"),
+                            ("eval.pope",) + answering, _STAGES + "eval_pope", _eval_pope, device="eval")]
     return tuple(specs)
 
 
