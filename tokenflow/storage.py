@@ -154,6 +154,13 @@ def remove_stale_temps(url: str) -> int:
     return len(stale)
 
 
+def remove_tree(url: str) -> None:
+    """Delete ``url`` and everything under it (nothing when it does not exist)."""
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 

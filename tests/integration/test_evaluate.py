@@ -26,6 +26,7 @@ from tokenflow.models.understanding import UnderstandingModel
 from tokenflow.models.weights import load_tokenizer, save_tokenizer
 from tokenflow.seeding import seed_for
 from tokenflow.stages.eval_generation import run_eval_generation
+from tokenflow.stages.eval_pope import run_eval_pope
 from tokenflow.stages.eval_reconstruction import run_eval_reconstruction
 from tokenflow.stages.eval_understanding import run_eval_understanding
 
@@ -97,6 +98,7 @@ def _config(out, *extra: str):
         "train_generator.sampling={cfg_scale: 2.0, top_k: [20, 1], top_p: [0.8, 0.0]}",
         "eval.reconstruction.batch_size=8", "eval.generation.shapes_per_tag=2", "eval.generation.images_per_prompt=2",
         "eval.understanding.shapes_per_subtask=2", "eval.understanding.batch_size=4",
+        "eval.pope.shapes_images=3", "eval.pope.batch_size=8",
         f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}", *extra])
 
 
@@ -173,6 +175,13 @@ def test_eval_generation_scores_a_failed_generation_as_zero(corpus, exports, tin
     assert [(r["prompt_index"], r["correct"]) for r in failed] == [(1, False), (1, False)]
     assert "sampler exploded" in failed[0]["reason"]
     assert not table[2]["baseline_reason"].startswith("generation failed")
+    # GenEval's folder layout, for the official scorer: a folder per prompt that produced images
+    assert manifest["images"] == "images" and manifest["baseline_images"] == "baseline_images"
+    folders = sorted(p.name for p in (out / "images").iterdir())
+    assert folders == [f"{i:05d}" for i in range(len(prompts)) if i != 1]
+    assert json.loads((out / "images" / "00000" / "metadata.jsonl").read_text()) == prompts[0]
+    assert sorted(p.name for p in (out / "images" / "00000" / "samples").iterdir()) == ["0000.png", "0001.png"]
+    assert len(list((out / "baseline_images").iterdir())) == len(prompts)
 
     m = manifest["metrics"]
     assert m["failed_generations"] == 2 and m["baseline/failed_generations"] == 0
@@ -204,6 +213,61 @@ def test_eval_understanding(corpus, exports, tiny_tokenizer_path, tmp_path):
     assert [a.path for a in client.list_artifacts(run.info.run_id, "grids")] == ["grids/answers.png"]
 
 
+def test_eval_pope_on_the_shapes_set(corpus, exports, tiny_tokenizer_path, tmp_path):
+    out = tmp_path / "pope"
+    manifest = run_eval_pope(_config(out), corpus, exports[1], str(tiny_tokenizer_path), str(out))
+    client, run = _finished_run(out, manifest, "eval_pope")
+    assert sorted(p.name for p in (out / "pope").glob("*.json")) == [
+        "shapes_pope_adversarial.json", "shapes_pope_popular.json", "shapes_pope_random.json"]
+    table = pq.read_table(out / "results.parquet").to_pylist()
+    assert len(table) == 3 * 3 * 6  # splits x images x (3 yes + 3 no)
+    m = manifest["metrics"]
+    assert m["num_images"] == 3 and m["num_questions"] == len(table) and m["undecodable_images"] == 0
+    for split in ("random", "popular", "adversarial"):
+        rows = [r for r in table if r["split"] == split]
+        assert sum(r["correct"] for r in rows) / len(rows) == pytest.approx(m[f"{split}/accuracy"])
+        assert sum(r["answer"] == "yes" for r in rows) / len(rows) == pytest.approx(m[f"{split}/yes_ratio"])
+        assert f"baseline/{split}/f1" in m
+    assert m["f1"] == pytest.approx(sum(m[f"{s}/f1"] for s in ("random", "popular", "adversarial")) / 3)
+    # the splits share their positives: asked once per image, the same reply in every split
+    positives = {(r["image"], r["question"]): r["reply"] for r in table if r["label"] == "yes"}
+    assert len(positives) == 9 and all(positives[(r["image"], r["question"])] == r["reply"]
+                                       for r in table if r["label"] == "yes")
+    assert {"corpus_manifest", "questions", "understanding", "tokenizer"} == set(manifest["inputs"])
+    assert manifest["benchmark"] == "shapes" and "f1:" in run.data.tags["mlflow.note.content"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "grids")] == ["grids/answers.png"]
+    assert "pope_questions" in {d.dataset.name for d in run.inputs.dataset_inputs}
+
+
+def test_eval_pope_on_release_files_scores_an_undecodable_image_wrong(corpus, exports, tiny_tokenizer_path,
+                                                                      tmp_path):
+    """The official layout (JSON lines under a root, images under another): a question about an
+    image that cannot be decoded is scored wrong whatever its label, and counted."""
+    images = tmp_path / "val2014"
+    images.mkdir()
+    sample = next(iter_shard(corpus["splits"]["heldout"]["shards"][0]["url"]))
+    (images / "good.png").write_bytes(sample.image)
+    (images / "bad.jpg").write_bytes(b"not an image")
+    root = tmp_path / "release"
+    root.mkdir()
+    for split in ("random", "popular", "adversarial"):
+        lines = [{"question_id": i + 1, "image": image, "text": "Is there a red circle in the image?", "label": label}
+                 for i, (image, label) in enumerate([("good.png", "yes"), ("good.png", "no"), ("bad.jpg", "yes"),
+                                                     ("bad.jpg", "no")])]
+        (root / f"coco_pope_{split}.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out"
+    cfg = _config(out, "eval.pope.benchmark=pope", f"eval.pope.root_url={root}", f"eval.pope.image_root_url={images}")
+    manifest = run_eval_pope(cfg, corpus, exports[1], str(tiny_tokenizer_path), str(out))
+    _finished_run(out, manifest, "eval_pope")
+    table = pq.read_table(out / "results.parquet").to_pylist()
+    bad = [r for r in table if r["image"].endswith("bad.jpg")]
+    assert len(bad) == 6 and all(r["error"] == "undecodable" and r["reply"] is None for r in bad)
+    assert not any(r["correct"] or r["baseline_correct"] for r in bad)
+    m = manifest["metrics"]
+    assert m["undecodable_images"] == 1 and m["num_images"] == 2 and m["unparsed_rate"] >= 0.5
+    assert "corpus_manifest" not in manifest["inputs"] and manifest["benchmark"] == "pope"
+
+
 def test_eval_refuses_models_of_another_tokenizer_and_missing_sections(corpus, exports, tiny_config, tmp_path):
     torch.manual_seed(1)
     other = tmp_path / "other.safetensors"
@@ -213,7 +277,9 @@ def test_eval_refuses_models_of_another_tokenizer_and_missing_sections(corpus, e
         run_eval_generation(cfg, corpus, exports[0], str(other), str(tmp_path / "g"))
     with pytest.raises(ValueError, match="another tokenizer"):
         run_eval_understanding(cfg, corpus, exports[1], str(other), str(tmp_path / "u"))
+    with pytest.raises(ValueError, match="another tokenizer"):
+        run_eval_pope(cfg, corpus, exports[1], str(other), str(tmp_path / "p"))
     bare = load_config(MODEL_CONFIGS / "tokenflow-tiny.yaml")
     with pytest.raises(ConfigError, match="needs the train_generator section"):
         run_eval_generation(bare, corpus, exports[0], str(other), str(tmp_path / "g"))
-    assert not (tmp_path / "g").exists() and not (tmp_path / "u").exists()
+    assert not any((tmp_path / name).exists() for name in ("g", "u", "p"))

@@ -246,3 +246,39 @@ def test_each_prompt_comes_with_the_sample_whose_scene_it_was_written_from():
     for source, prompt in sourced:
         assert prompts_for_scene(scenes[source.key])[prompt.tag] == prompt
         assert score_image(render_scene(scenes[source.key], 64), prompt, detector, colors).correct
+
+
+def test_geneval_folder_layout_round_trip_and_missing_images_score_zero(tmp_path):
+    """The stage's images in the official layout (<NNNNN>/metadata.jsonl, samples/<NNNN>.png),
+    scored back from the files; a missing or undecodable image and a failed prompt score 0."""
+    from tokenflow.eval.geneval_layout import image_url, read_prompt, write_prompt
+    from tokenflow.eval.runners import score_generated
+
+    rng = np.random.default_rng(3)
+    scene = generate_scene(rng)
+    prompts = list(prompts_for_scene(scene).values())[:1] + shapes_geneval_prompts(
+        (generate_scene(rng) for _ in range(50)), 1)[:2]
+    picture = np.asarray(render_scene(scene))
+    outdir = str(tmp_path / "images")
+    write_prompt(outdir, 0, prompts[0], [picture, picture])
+    write_prompt(outdir, 2, prompts[2], [picture, picture])
+    assert sorted(p.relative_to(tmp_path / "images").as_posix() for p in (tmp_path / "images").rglob("*")
+                  if p.is_file()) == ["00000/metadata.jsonl", "00000/samples/0000.png", "00000/samples/0001.png",
+                                      "00002/metadata.jsonl", "00002/samples/0000.png", "00002/samples/0001.png"]
+    assert read_prompt(outdir, 0) == prompts[0]
+    assert json.loads((tmp_path / "images/00000/metadata.jsonl").read_text()) == prompts[0].to_json()
+    assert image_url(outdir, 2, 1) == str(tmp_path / "images/00002/samples/0001.png")
+    (tmp_path / "images/00002/samples/0001.png").write_bytes(b"junk")
+
+    detector, classifier = ShapesObjectDetector(), ShapesColorClassifier()
+    scored = score_generated(outdir, prompts, 2, {1: "RuntimeError: boom"}, detector, classifier, GenEvalRules())
+    assert [(g.prompt_index, g.index, g.failed) for g in scored] == [(0, 0, False), (0, 1, False), (1, 0, True),
+                                                                     (1, 1, True), (2, 0, False), (2, 1, True)]
+    assert scored[0].result.correct and scored[1].result.correct  # the scene's own prompt, judged from its PNG
+    assert scored[2].result.reason == "generation failed: RuntimeError: boom"
+    assert scored[5].result.reason.startswith("image 1: ") and not scored[5].result.correct
+    (tmp_path / "images/00000/samples/0001.png").unlink()
+    assert score_generated(outdir, prompts[:1], 2, {}, detector, classifier, GenEvalRules())[1].result.reason == \
+        "image 1: missing"
+    with pytest.raises(ValueError, match="another prompt"):
+        score_generated(outdir, [prompts[1]], 2, {}, detector, classifier, GenEvalRules())

@@ -1,5 +1,5 @@
-"""Running models on the benchmarks: GenEval images from the generator, MME replies from the
-understanding model, and the untrained baselines both are compared with.
+"""Running models on the benchmarks: GenEval images from the generator, MME and POPE replies
+from the understanding model, and the untrained baselines both are compared with.
 
 Generation: whole prompts are batched (``batch_size`` images, each with its unconditional row);
 a prompt's ``n`` images draw from a generator seeded from ``(seed, prompt index)``, so they
@@ -10,15 +10,15 @@ config's negative prompt (by default the empty prompt ``<s>``) is the unconditio
 one of its images, the error as the reason: failures are counted, never skipped.
 
 Understanding: each distinct image is decoded, preprocessed to the tokenizer's resolution and
-encoded once; an image that cannot be decoded gets an empty reply (unparseable, so wrong) to each
-of its questions.
+encoded once; an image that cannot be decoded gets an empty reply to each of its questions (MME
+reads it as unparseable, so wrong; the POPE stage scores those questions wrong too).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Container, Mapping, Sequence, TypeVar
+from typing import Mapping, Protocol, Sequence, TypeVar
 
 import torch
 from PIL import Image
@@ -29,7 +29,7 @@ from tokenflow.config import DEFAULT_LIMITS, SampleLimitsConfig, SamplingConfig,
 from tokenflow.data.decode import DecodeError, decode_image, preprocess
 from tokenflow.eval.geneval import (ColorClassifier, GenEvalPrompt, GenEvalRules, ImageResult, ObjectDetector,
                                     score_image)
-from tokenflow.eval.mme import MMEQuestion
+from tokenflow.eval.geneval_layout import image_url, read_prompt, write_prompt
 from tokenflow.models.generator import NextScaleGenerator, TextBatch, left_pad
 from tokenflow.models.language_model import language_model_from_config
 from tokenflow.models.quantizer import CodebookFeatures
@@ -112,34 +112,60 @@ def sample_prompt_images(model: NextScaleGenerator, tok: PreTrainedTokenizerBase
     return images
 
 
-def generate_and_score(model: NextScaleGenerator, tok: PreTrainedTokenizerBase, tokenizer: TokenFlowTokenizer,
-                       prompts: Sequence[GenEvalPrompt], images_per_prompt: int, sampling: SamplingConfig,
-                       seed: int, max_text_tokens: int, detector: ObjectDetector, color_classifier: ColorClassifier,
-                       rules: GenEvalRules, keep: Container[int] = (), batch_size: int = 1,
-                       ) -> tuple[list[Generation], dict[int, torch.Tensor]]:
-    """Sample and score ``images_per_prompt`` images per prompt, whole prompts batched up to
-    ``batch_size`` images; also returns the images of the prompt indices in ``keep`` (for grids;
-    the rest are not held in memory). A batch that raises is retried prompt by prompt, so only
-    the prompts that fail on their own score 0."""
-    out: list[Generation] = []
-    kept: dict[int, torch.Tensor] = {}
+def generate_images(model: NextScaleGenerator, tok: PreTrainedTokenizerBase, tokenizer: TokenFlowTokenizer,
+                    prompts: Sequence[GenEvalPrompt], images_per_prompt: int, sampling: SamplingConfig, seed: int,
+                    max_text_tokens: int, outdir: str, batch_size: int = 1) -> dict[int, str]:
+    """Sample ``images_per_prompt`` images per prompt into GenEval's folder layout at ``outdir``
+    (emptied first), whole prompts batched up to ``batch_size`` images. A batch that raises is
+    retried prompt by prompt; returns the error of each prompt that failed on its own (no images)."""
+    storage.remove_tree(outdir)
+    failures: dict[int, str] = {}
     model.eval()
     per_batch = max(1, batch_size // images_per_prompt)
     for start in range(0, len(prompts), per_batch):
-        for i, images, error in _sample_batch(model, tok, tokenizer, prompts, range(start, min(start + per_batch, len(prompts))),
-                                              images_per_prompt, sampling, seed, max_text_tokens):
-            prompt = prompts[i]
+        indices = range(start, min(start + per_batch, len(prompts)))
+        for i, images, error in _sample_batch(model, tok, tokenizer, prompts, indices, images_per_prompt, sampling,
+                                              seed, max_text_tokens):
             if images is None:
-                reason = f"generation failed: {error}"
-                out.extend(Generation(i, j, ImageResult(prompt.tag, prompt.prompt, False, reason), True)
-                           for j in range(images_per_prompt))
+                failures[i] = error
+            else:
+                write_prompt(outdir, i, prompts[i], list(to_uint8(images)))
+    return failures
+
+
+def score_generated(outdir: str, prompts: Sequence[GenEvalPrompt], images_per_prompt: int,
+                    failures: Mapping[int, str], detector: ObjectDetector, color_classifier: ColorClassifier,
+                    rules: GenEvalRules, limits: SampleLimitsConfig = DEFAULT_LIMITS) -> list[Generation]:
+    """Score the images in GenEval's layout at ``outdir``: ``images_per_prompt`` per prompt, in
+    order. A prompt in ``failures`` and an image missing or undecodable score 0 with the reason;
+    a folder whose metadata is not the prompt's raises ``ValueError``."""
+    out: list[Generation] = []
+    for i, prompt in enumerate(prompts):
+        if i in failures:
+            reason = f"generation failed: {failures[i]}"
+            out.extend(Generation(i, j, ImageResult(prompt.tag, prompt.prompt, False, reason), True)
+                       for j in range(images_per_prompt))
+            continue
+        if read_prompt(outdir, i) != prompt:
+            raise ValueError(f"{outdir}: folder {i:05d} holds another prompt than {prompt.prompt!r}")
+        for j in range(images_per_prompt):
+            try:
+                image = decode_image(storage.read_bytes(image_url(outdir, i, j)), limits)
+            except (FileNotFoundError, DecodeError) as exc:
+                reason = f"image {j}: {exc.reason if isinstance(exc, DecodeError) else 'missing'}"
+                out.append(Generation(i, j, ImageResult(prompt.tag, prompt.prompt, False, reason), True))
                 continue
-            if i in keep:
-                kept[i] = images
-            for j, pixels in enumerate(to_uint8(images)):
-                out.append(Generation(i, j, score_image(Image.fromarray(pixels), prompt, detector, color_classifier,
-                                                        rules), False))
-    return out, kept
+            out.append(Generation(i, j, score_image(image, prompt, detector, color_classifier, rules), False))
+    return out
+
+
+def load_generated(outdir: str, index: int, images_per_prompt: int, size: int,
+                   limits: SampleLimitsConfig = DEFAULT_LIMITS) -> torch.Tensor | None:
+    """Prompt ``index``'s images ``[n, 3, size, size]`` from the layout, or None when any is missing."""
+    try:
+        return torch.stack([load_image(image_url(outdir, index, j), size, limits) for j in range(images_per_prompt)])
+    except (FileNotFoundError, DecodeError):
+        return None
 
 
 def _sample_batch(model: NextScaleGenerator, tok: PreTrainedTokenizerBase, tokenizer: TokenFlowTokenizer,
@@ -185,7 +211,7 @@ def score_reconstructions(tokenizer: TokenFlowTokenizer, sources: Sequence[bytes
     return [results[i] for i in range(len(prompts))]
 
 
-# --------------------------------------------------------------------------- MME
+# --------------------------------------------------------------------------- MME, POPE
 
 
 def load_image(url: str, size: int, limits: SampleLimitsConfig = DEFAULT_LIMITS) -> torch.Tensor:
@@ -220,7 +246,17 @@ def encode_images(tokenizer: TokenFlowTokenizer, urls: Sequence[str], batch_size
     return tokens, failed
 
 
-def answer_questions(model: UnderstandingModel, tok: PreTrainedTokenizerBase, questions: Sequence[MMEQuestion],
+class Question(Protocol):
+    """What answering needs of a benchmark question (MME's, POPE's): its image URL and text."""
+
+    @property
+    def image(self) -> str: ...
+
+    @property
+    def question(self) -> str: ...
+
+
+def answer_questions(model: UnderstandingModel, tok: PreTrainedTokenizerBase, questions: Sequence[Question],
                      tokens: Mapping[str, torch.Tensor], batch_size: int, max_new_tokens: int,
                      max_text_tokens: int) -> list[str]:
     """Greedy replies in question order; ``""`` where the image has no tokens."""

@@ -16,7 +16,8 @@ from tokenflow import storage
 from tokenflow.config import ConfigError, GenerationEvalConfig, TokenFlowConfig
 from tokenflow.data.manifest import content_digest, file_digest
 from tokenflow.eval.geneval import GenEvalPrompt, GenEvalRules, load_metadata, summarize, write_metadata
-from tokenflow.eval.runners import Generation, generate_and_score, score_reconstructions
+from tokenflow.eval.runners import (Generation, generate_images, load_generated, score_generated,
+                                    score_reconstructions)
 from tokenflow.eval.shapes_geneval import write_shapes_geneval_prompts
 from tokenflow.models.llm_weights import WEIGHTS_NAME, load_generator
 from tokenflow.stages.eval_common import (finish_evaluation, heldout_samples, log_grid, log_output_file,
@@ -24,6 +25,7 @@ from tokenflow.stages.eval_common import (finish_evaluation, heldout_samples, lo
 from tokenflow.stages.stage_run import RunLink, StageRun
 
 PROMPTS_NAME = "prompts.jsonl"
+IMAGES_DIR, BASELINE_IMAGES_DIR = "images", "baseline_images"  # GenEval's folder layout (geneval_layout)
 REFERENCE = "reference/"  # shapes: the prompts' source images through the tokenizer
 GRID_PROMPTS_PER_TAG = 2
 GRID_LEGEND = ("{model}: each row is one prompt (its GenEval tag, one mark per image left to right, the prompt);\n"
@@ -101,8 +103,9 @@ def run_eval_generation(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any], g
     detector, classifier = _scorers(g, device)
     rules = GenEvalRules(**g.rules.model_dump())
     shown = _grid_prompts(prompts)
-    args = (prompts, g.images_per_prompt, g.sampling or t.sampling, cfg.eval.seed,
-            t.language_model.max_text_tokens, detector, classifier, rules, shown, g.batch_size)
+    size = tokenizer.cfg.image_size
+    sample = (prompts, g.images_per_prompt, g.sampling or t.sampling, cfg.eval.seed,
+              t.language_model.max_text_tokens)
     with tempfile.TemporaryDirectory() as tmp, StageRun(
             cfg, "eval_generation", {"eval", "train_generator"}, out_url, inputs, link,
             f"GenEval ({g.benchmark}) of the trained generator, against an untrained one"
@@ -110,22 +113,28 @@ def run_eval_generation(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any], g
         scratch = Path(tmp)
         log_output_file(run, scratch, PROMPTS_NAME)
         run.log_dataset("geneval_prompts", inputs["prompts"], prompts_url)
-        generations, images = generate_and_score(model, tok, tokenizer, *args)
-        base_generations, base_images = generate_and_score(baseline, tok, tokenizer, *args)
+        scored = {}
+        for name, sampled in ((IMAGES_DIR, model), (BASELINE_IMAGES_DIR, baseline)):
+            outdir = storage.join(out_url, name)
+            failures = generate_images(sampled, tok, tokenizer, *sample, outdir, g.batch_size)
+            scored[name] = score_generated(outdir, prompts, g.images_per_prompt, failures, detector, classifier,
+                                           rules, cfg.limits)
+        generations, base_generations = scored[IMAGES_DIR], scored[BASELINE_IMAGES_DIR]
         write_results(run, scratch, [{"prompt_index": a.prompt_index, "prompt": a.result.prompt, "tag": a.result.tag, "index": a.index,
                     "correct": a.result.correct, "reason": a.result.reason, "baseline_correct": b.result.correct,
                     "baseline_reason": b.result.reason} for a, b in zip(generations, base_generations)],
                       GENERATION_SCHEMA)
-        size = tokenizer.cfg.image_size
-        log_grid(run, scratch, "generations.png",
-                 *_generation_grid(prompts, shown, generations, images, g.images_per_prompt, size),
-                 title=GRID_LEGEND.format(model="trained generator"))
-        log_grid(run, scratch, "baseline_generations.png",
-                 *_generation_grid(prompts, shown, base_generations, base_images, g.images_per_prompt, size),
-                 title=GRID_LEGEND.format(model="untrained generator (baseline)"))
+        for name, label, results, grid in ((IMAGES_DIR, "trained generator", generations, "generations.png"),
+                                           (BASELINE_IMAGES_DIR, "untrained generator (baseline)", base_generations,
+                                            "baseline_generations.png")):
+            images = {i: loaded for i in shown if (loaded := load_generated(
+                storage.join(out_url, name), i, g.images_per_prompt, size, cfg.limits)) is not None}
+            log_grid(run, scratch, grid, *_generation_grid(prompts, shown, results, images, g.images_per_prompt, size),
+                     title=GRID_LEGEND.format(model=label))
         metrics = with_baseline(_geneval_metrics(generations), _geneval_metrics(base_generations))
         if sources:  # shapes: the ceiling this tokenizer leaves a generator
             reference = score_reconstructions(tokenizer, sources, prompts, detector, classifier, rules,
                                               limits=cfg.limits)
             metrics.update({REFERENCE + k: v for k, v in summarize(reference).metrics().items()})
-        return finish_evaluation(run, metrics, "overall", benchmark=g.benchmark, prompts=PROMPTS_NAME)
+        return finish_evaluation(run, metrics, "overall", benchmark=g.benchmark, prompts=PROMPTS_NAME,
+                                 images=IMAGES_DIR, baseline_images=BASELINE_IMAGES_DIR)
