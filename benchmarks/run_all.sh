@@ -7,7 +7,7 @@ source infra/local/env.sh
 python=${PYTHON:-.venv/bin/python}
 work=$(mktemp -d /tmp/tfbench-XXXXXX)
 trap 'rm -rf "$work"' EXIT
-for bench in pretokenize shard_size train scaling; do
+for bench in pretokenize shard_size train scaling sampling; do
     "$python" -m "benchmarks.bench_$bench" --work-dir "$work" "$@"
     echo
 done

@@ -16,7 +16,8 @@ import pytest
 from tests.conftest import REPO
 
 RATIOS = re.compile(r"^ratios:( [\w/]+=[-+.\deE]+)+$")
-TITLES = ("Pre-tokenize throughput", "Token shard size", "Tokenizer training step", "Scaling sketch")
+TITLES = ("Pre-tokenize throughput", "Token shard size", "Tokenizer training step", "Scaling sketch",
+          "Next-scale sampling")
 
 
 @pytest.mark.slow
