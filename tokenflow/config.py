@@ -606,7 +606,10 @@ class POPEEvalConfig(StrictModel):
 class EvalConfig(StrictModel):
     """The eval_* stages: benchmarks, scorers' weights, and the untrained baselines' seed."""
 
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where each evaluation's Ray task runs: cuda holds one GPU, auto one when "
+        "the cluster has GPUs, cpu none.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs each evaluation's Ray task holds.")
     seed: int = Field(0, ge=0, description="Sampling seeds and the untrained baselines' initialisation.")
     reconstruction: ReconstructionEvalConfig = ReconstructionEvalConfig()
     generation: GenerationEvalConfig = GenerationEvalConfig()

@@ -140,6 +140,28 @@ def test_eval_reconstruction(corpus, tiny_tokenizer_path, tmp_path):
     assert [a.path for a in client.list_artifacts(run.info.run_id, "grids")] == ["grids/reconstructions.png"]
 
 
+def test_an_evaluation_that_fails_as_a_whole_is_not_recorded(corpus, exports, tiny_tokenizer_path, tmp_path,
+                                                             monkeypatch):
+    """Every prompt failing is the evaluation failing: the stage raises, its run is FAILED and no
+    manifest marks it complete, so the next run evaluates again (a score of 0 is never cached)."""
+    real = runners.sample_prompt_images
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(runners, "sample_prompt_images", broken)
+    out = tmp_path / "gen"
+    with pytest.raises(runners.EvaluationError, match="CUDA out of memory"):
+        run_eval_generation(_config(out), corpus, exports[0], str(tiny_tokenizer_path), str(out))
+    assert not (out / "_MANIFEST.json").exists()
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    monkeypatch.setattr(runners, "sample_prompt_images", real)
+    manifest = run_eval_generation(_config(out), corpus, exports[0], str(tiny_tokenizer_path), str(out))
+    assert manifest["metrics"]["failed_generations"] == 0
+
+
 def test_eval_generation_scores_a_failed_generation_as_zero(corpus, exports, tiny_tokenizer_path, tmp_path,
                                                             monkeypatch):
     """Prompts are sampled in batches; a batch that raises is retried prompt by prompt and only

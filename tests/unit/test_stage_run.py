@@ -81,4 +81,4 @@ def test_an_evaluation_samples_system_metrics_of_its_process(monkeypatch, tmp_pa
         time.sleep(1.5)
         run.finish({"kind": "eval_understanding"})
     metrics = mlflow.MlflowClient(run.tracking_uri).get_run(run.run_id).data.metrics
-    assert "system/driver/cpu_utilization_percentage" in metrics and "system/driver/system_memory_usage_megabytes" in metrics
+    assert "system/eval/cpu_utilization_percentage" in metrics and "system/eval/system_memory_usage_megabytes" in metrics

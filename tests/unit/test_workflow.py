@@ -11,7 +11,7 @@ from tokenflow import storage
 from tokenflow.config import load_config
 from tokenflow.workflow.durable import StageOutput, config_subset
 from tokenflow.workflow.identity import PACKAGE, Environment, project_modules
-from tokenflow.workflow.pipeline import downstream, stages
+from tokenflow.workflow.pipeline import downstream, resources, stages
 from tokenflow.workflow.runner import PlanError, describe, plan
 
 from tests.conftest import REPO
@@ -19,7 +19,7 @@ from tests.conftest import REPO
 SMOKE = REPO / "configs" / "pipelines" / "smoke.yaml"
 LIBRARIES = {"torch": "2.0", "deepspeed": "0.1", "transformers": "4.0", "open_clip_torch": "2.0", "numpy": "1.0",
              "pillow": "10.0"}
-ENV = Environment(cluster_gpus=False, driver_gpu=False, libraries=LIBRARIES)
+ENV = Environment(cluster_gpus=False, libraries=LIBRARIES)
 
 
 def _complete_all(root, *overrides: str, env: Environment = ENV) -> dict[str, str]:
@@ -89,7 +89,6 @@ def test_one_config_change_reruns_exactly_what_it_changes(completed, override, e
 
 @pytest.mark.parametrize("change,expected", [
     ({"cluster_gpus": True}, ALL - {"corpus"}),  # the tokenizer trains on GPUs: everything after it
-    ({"driver_gpu": True}, {"eval_reconstruction", "eval_generation", "eval_understanding", "eval_pope"}),
     ({"libraries": {**LIBRARIES, "torch": "2.1"}}, ALL - {"corpus"}),
     ({"libraries": {**LIBRARIES, "deepspeed": "0.2"}}, ALL - {"corpus"}),
     ({"libraries": {**LIBRARIES, "pillow": "11.0"}}, ALL),
@@ -97,8 +96,21 @@ def test_one_config_change_reruns_exactly_what_it_changes(completed, override, e
 ])
 def test_the_device_and_library_versions_are_part_of_the_identity(completed, change, expected):
     root, _ = completed
-    env = Environment(**{"cluster_gpus": False, "driver_gpu": False, "libraries": LIBRARIES, **change})
+    env = Environment(**{"cluster_gpus": False, "libraries": LIBRARIES, **change})
     assert _reruns(root, env=env) == expected
+
+
+def test_stage_resources_count_gpus_where_the_settings_take_them():
+    """What the runner holds per stage (and an evaluation's Ray task requests): ``auto`` takes
+    GPUs only on a cluster that has them; eval.device cuda always holds one."""
+    cfg = load_config(SMOKE)
+    assert resources(cfg, "eval_generation") == {"CPU": 1.0, "GPU": 0.0}
+    assert resources(cfg, "eval_generation", cluster_gpus=True) == {"CPU": 1.0, "GPU": 1.0}
+    assert resources(load_config(SMOKE, ["eval.device=cpu", "eval.num_cpus=4"]), "eval_pope", True) == \
+        {"CPU": 4.0, "GPU": 0.0}
+    assert resources(load_config(SMOKE, ["eval.device=cuda"]), "eval_understanding") == {"CPU": 1.0, "GPU": 1.0}
+    assert resources(cfg, "train_generator", cluster_gpus=True) == {"CPU": 2.0, "GPU": 2.0}
+    assert resources(cfg, "pretokenize", cluster_gpus=False)["GPU"] == 0.0
 
 
 def test_the_deepspeed_file_contents_are_part_of_the_identity(tmp_path):
@@ -139,9 +151,9 @@ def test_an_explicit_gpu_demand_without_gpus_fails_before_any_stage(tmp_path):
         plan(load_config(SMOKE, gpu), str(tmp_path), env=ENV)
     for reason in ("train_tokenizer.use_gpu is true but the Ray cluster has no GPUs",
                    "pretokenize.gpus_per_actor is 1.0 but the Ray cluster has no GPUs",
-                   "eval.device is cuda but the driver has no CUDA device"):
+                   "eval.device is cuda but the Ray cluster has no GPUs"):
         assert reason in str(err.value)
-    with_gpus = Environment(cluster_gpus=True, driver_gpu=True, libraries=LIBRARIES)
+    with_gpus = Environment(cluster_gpus=True, libraries=LIBRARIES)
     assert plan(load_config(SMOKE, gpu), str(tmp_path), env=with_gpus)
     assert plan(load_config(SMOKE, ["train_tokenizer.use_gpu=auto"]), str(tmp_path), env=ENV)
     with pytest.raises(PlanError, match="train_generator.use_gpu is true"):  # only the selected stages count
@@ -197,12 +209,12 @@ def test_code_identity_is_the_modules_a_stage_imports(tmp_path):
 
     package = tmp_path / "tokenflow"
     shutil.copytree(PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
-    env = Environment(cluster_gpus=False, driver_gpu=False, libraries=LIBRARIES, package=package)
+    env = Environment(cluster_gpus=False, libraries=LIBRARIES, package=package)
     _complete_all(tmp_path / "s", env=env)
     (package / "cli.py").write_text((package / "cli.py").read_text() + "\n# an unrelated edit\n")
-    assert _reruns(tmp_path / "s", env=Environment(False, False, LIBRARIES, package)) == set()
+    assert _reruns(tmp_path / "s", env=Environment(False, LIBRARIES, package)) == set()
     (package / "eval" / "shapes_geneval.py").write_text((package / "eval" / "shapes_geneval.py").read_text() + "\n#\n")
-    assert _reruns(tmp_path / "s", env=Environment(False, False, LIBRARIES, package)) == {"eval_generation"}
+    assert _reruns(tmp_path / "s", env=Environment(False, LIBRARIES, package)) == {"eval_generation"}
 
 
 FINETUNE = "finetune_decoder={steps: 50, decoder_ch: 32, lr_schedule: {warmup_steps: 5}}"

@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 LLM = TypeVar("LLM", NextScaleGenerator, UnderstandingModel)
 
 
+class EvaluationError(RuntimeError):
+    """The evaluation as a whole failed (nothing could be scored): the stage fails and runs again
+    next time, instead of recording a score of 0."""
+
+
 def _device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -117,7 +122,8 @@ def generate_images(model: NextScaleGenerator, tok: PreTrainedTokenizerBase, tok
                     max_text_tokens: int, outdir: str, batch_size: int = 1) -> dict[int, str]:
     """Sample ``images_per_prompt`` images per prompt into GenEval's folder layout at ``outdir``
     (emptied first), whole prompts batched up to ``batch_size`` images. A batch that raises is
-    retried prompt by prompt; returns the error of each prompt that failed on its own (no images)."""
+    retried prompt by prompt; returns the error of each prompt that failed on its own (no images).
+    When every prompt fails the evaluation itself has failed: raises ``EvaluationError``."""
     storage.remove_tree(outdir)
     failures: dict[int, str] = {}
     model.eval()
@@ -130,6 +136,8 @@ def generate_images(model: NextScaleGenerator, tok: PreTrainedTokenizerBase, tok
                 failures[i] = error
             else:
                 write_prompt(outdir, i, prompts[i], list(to_uint8(images)))
+    if prompts and len(failures) == len(prompts):
+        raise EvaluationError(f"every one of {len(prompts)} prompts failed to generate; the first: {failures[0]}")
     return failures
 
 
@@ -243,6 +251,9 @@ def encode_images(tokenizer: TokenFlowTokenizer, urls: Sequence[str], batch_size
             flush()
     if pending:
         flush()
+    if failed and not tokens:
+        raise EvaluationError(f"none of the {len(failed)} benchmark images could be decoded; the first: "
+                              f"{next(iter(failed.items()))}")
     return tokens, failed
 
 

@@ -105,8 +105,8 @@ class StageRun:
         self._note()
         self._record_link()
         interval = self.cfg.tracking.system_metrics_every_s
-        if self.stage.startswith("eval_") and interval:  # evaluations compute here, in the driver
-            self._monitor.enter_context(system_metrics(self.run_id, self.tracking_uri, interval, "driver"))
+        if self.stage.startswith("eval_") and interval:  # evaluations compute here, in their Ray task
+            self._monitor.enter_context(system_metrics(self.run_id, self.tracking_uri, interval, "eval"))
         return self
 
     def _note(self, headline: str = "") -> None:

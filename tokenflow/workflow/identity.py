@@ -46,8 +46,7 @@ def _distribution_version(name: str) -> str:
 class Environment:
     """What besides the config and the inputs decides a stage's result, as this invocation sees it."""
 
-    cluster_gpus: bool  # the Ray cluster's workers have GPUs (training, pretokenize)
-    driver_gpu: bool  # this process has CUDA (the evaluations run here)
+    cluster_gpus: bool  # the Ray cluster's workers have GPUs (training, pretokenize, evaluation tasks)
     libraries: dict[str, str] = field(default_factory=dict)  # distribution -> version
     package: Path = PACKAGE  # the tokenflow package whose sources are hashed
 
@@ -57,9 +56,8 @@ class Environment:
         import ray
         import torch
 
-        driver = torch.cuda.is_available()
-        cluster = ray.cluster_resources().get("GPU", 0) > 0 if ray.is_initialized() else driver
-        return cls(cluster, driver, {name: _distribution_version(name) for name in libraries})
+        cluster = ray.cluster_resources().get("GPU", 0) > 0 if ray.is_initialized() else torch.cuda.is_available()
+        return cls(cluster, {name: _distribution_version(name) for name in libraries})
 
 
 def _module_path(package: Path, module: str) -> Path | None:
@@ -131,7 +129,7 @@ def _digest(module: str, package: Path, state: tuple) -> str:
 
 def _device(spec: StageSpec, cfg: TokenFlowConfig, env: Environment) -> str:
     if spec.device == "eval":
-        return "cuda" if cfg.eval.device == "cuda" or (cfg.eval.device == "auto" and env.driver_gpu) else "cpu"
+        return "cuda" if cfg.eval.device == "cuda" or (cfg.eval.device == "auto" and env.cluster_gpus) else "cpu"
     if spec.device == "pretokenize":
         gpus = cfg.pretokenize.gpus_per_actor
         return "cuda" if (gpus == "auto" and env.cluster_gpus) or (gpus != "auto" and gpus > 0) else "cpu"
@@ -146,8 +144,8 @@ def unmet_gpu_demand(spec: StageSpec, cfg: TokenFlowConfig, env: Environment) ->
     the place it would run has none; else None. Checked before any stage starts, so a GPU config
     never trains on CPUs under the GPU run's cache key."""
     if spec.device == "eval":
-        if cfg.eval.device == "cuda" and not env.driver_gpu:
-            return "eval.device is cuda but the driver has no CUDA device"
+        if cfg.eval.device == "cuda" and not env.cluster_gpus:
+            return "eval.device is cuda but the Ray cluster has no GPUs"
     elif spec.device == "pretokenize":
         gpus = cfg.pretokenize.gpus_per_actor
         if gpus != "auto" and gpus > 0 and not env.cluster_gpus:

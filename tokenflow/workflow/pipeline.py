@@ -216,14 +216,25 @@ def stages(cfg: TokenFlowConfig) -> tuple[StageSpec, ...]:
     return tuple(specs)
 
 
-def resources(cfg: TokenFlowConfig, name: str) -> dict[str, float]:
-    """The cluster resources a stage holds while it runs (for running stages side by side)."""
+def resources(cfg: TokenFlowConfig, name: str, cluster_gpus: bool = False) -> dict[str, float]:
+    """The cluster resources a stage holds while it runs (for running stages side by side; an
+    evaluation's are its Ray task's). ``cluster_gpus``: whether ``auto`` settings find GPUs."""
     if name in ("train_tokenizer", "finetune_decoder", "train_generator", "train_understanding"):
         t = getattr(cfg, name)
-        return {"CPU": t.worker_range[0] * t.cpus_per_worker}
+        gpus = float(t.worker_range[0]) if t.use_gpu is True or (t.use_gpu == "auto" and cluster_gpus) else 0.0
+        return {"CPU": t.worker_range[0] * t.cpus_per_worker, "GPU": gpus}
     if name in ("pretokenize", "pretokenize_generation"):
-        return {"CPU": cfg.pretokenize.num_actors * cfg.pretokenize.cpus_per_actor}
+        p = cfg.pretokenize
+        per_actor = (1.0 if cluster_gpus else 0.0) if p.gpus_per_actor == "auto" else float(p.gpus_per_actor)
+        return {"CPU": p.num_actors * p.cpus_per_actor, "GPU": p.num_actors * per_actor}
+    if name.startswith("eval_"):
+        return {"CPU": cfg.eval.num_cpus, "GPU": eval_gpus(cfg, cluster_gpus)}
     return {"CPU": 1.0}
+
+
+def eval_gpus(cfg: TokenFlowConfig, cluster_gpus: bool) -> float:
+    """GPUs of an evaluation's Ray task: ``eval.device`` cuda, or auto on a cluster with GPUs, holds one."""
+    return 1.0 if cfg.eval.device == "cuda" or (cfg.eval.device == "auto" and cluster_gpus) else 0.0
 
 
 def downstream(specs: tuple[StageSpec, ...], names: set[str]) -> set[str]:

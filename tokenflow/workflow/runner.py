@@ -22,6 +22,7 @@ from tokenflow.stages.corpus import source_changes
 from tokenflow.stages.stage_run import RunLink, StageIdentity
 from tokenflow.stages.tracking import check_tracking, log_text_artifact, resolve_tracking_uri, start_stage_run
 from tokenflow.workflow.durable import StageOutput
+from tokenflow.workflow.eval_task import run_as_task
 from tokenflow.workflow.identity import Environment, resolve, unmet_gpu_demand
 from tokenflow.workflow.lease import new_owner, stage_lease
 from tokenflow.workflow.pipeline import StageSpec, downstream, resources, stages
@@ -192,12 +193,15 @@ class Lineage:
 
 
 def _run_leased(p: PlannedStage, cfg: TokenFlowConfig, inputs: dict[str, StageOutput], link: RunLink,
-                owner: str) -> tuple[dict[str, Any], bool]:
-    """Run a stage while holding its output's lease; (manifest, False) when another run on the
-    same storage completed it while this one waited."""
+                owner: str, need: dict[str, float]) -> tuple[dict[str, Any], bool]:
+    """Run a stage while holding its output's lease (an evaluation as a Ray task holding
+    ``need``); (manifest, False) when another run on the same storage completed it while this
+    one waited."""
     with stage_lease(p.output, owner, cfg.workflow, p.name) as must_run:
         if not must_run:
             return p.output.manifest(), False
+        if p.spec.device == "eval":
+            return run_as_task(p.name, p.spec.run, cfg, inputs, p.output.url, link, need), True
         return p.spec.run(cfg, inputs, p.output.url, link), True
 
 
@@ -215,6 +219,7 @@ def execute(cfg: TokenFlowConfig, storage_root: str, stages: list[PlannedStage],
     import ray
 
     total = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    gpus = total.get("GPU", 0.0) > 0
     data = cfg.model_dump(mode="json")
     outputs = {p.name: p.output for p in stages if p.cached}
     manifests = {p.name: p.output.manifest() for p in stages if p.cached}
@@ -237,7 +242,7 @@ def execute(cfg: TokenFlowConfig, storage_root: str, stages: list[PlannedStage],
                         log.info("stage %s (%s): cached (its re-run inputs came out the same)", p.name,
                                  p.output.hash[:12])
                         continue
-                need = {k: min(v, total.get(k, 0.0)) for k, v in resources(cfg, p.name).items()}
+                need = {k: min(v, total.get(k, 0.0)) for k, v in resources(cfg, p.name, gpus).items()}
                 if running and not _fits(need, free):
                     continue
                 for k, v in need.items():
@@ -246,13 +251,13 @@ def execute(cfg: TokenFlowConfig, storage_root: str, stages: list[PlannedStage],
                 lineage.stage_state(p, "running")
                 log.info("stage %s (%s): starting", p.name, p.output.hash[:12])
                 inputs = {i: outputs[i] for i in p.spec.inputs}
-                running[pool.submit(_run_leased, p, cfg, inputs, lineage.link(p, inputs), owner)] = p
+                running[pool.submit(_run_leased, p, cfg, inputs, lineage.link(p, inputs), owner, need)] = p
             if not running:
                 break
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 p = running.pop(future)
-                for k, v in resources(cfg, p.name).items():
+                for k, v in resources(cfg, p.name, gpus).items():
                     free[k] = free.get(k, 0.0) + min(v, total.get(k, 0.0))
                 try:
                     manifests[p.name], ran = future.result()
