@@ -88,7 +88,7 @@ def shapes_geneval_prompts(scenes: Iterable[Scene], per_tag: int) -> list[GenEva
     return [prompt for _, prompt in _select(((None, scene) for scene in scenes), per_tag)]
 
 
-def _scenes(samples: Iterable[RawSample]) -> Iterable[tuple[RawSample, Scene]]:
+def sample_scenes(samples: Iterable[RawSample]) -> Iterable[tuple[RawSample, Scene]]:
     """Each sample with the scene of its ``.json`` record; a sample without a usable record is
     skipped with a warning that says why."""
     for sample in samples:
@@ -109,6 +109,6 @@ def write_shapes_geneval_prompts(out_url: str, samples: Iterable[RawSample],
     ``samples`` are the held-out split's records (e.g. :func:`tokenflow.data.corpus.iter_shard`
     over its shards); the corpus seed fixes them, so the same corpus gives the same file.
     """
-    sourced = _select(_scenes(samples), per_tag)
+    sourced = _select(sample_scenes(samples), per_tag)
     write_metadata(out_url, [prompt for _, prompt in sourced])
     return sourced
