@@ -603,6 +603,49 @@ class POPEEvalConfig(StrictModel):
         return self
 
 
+class DPGEvalConfig(StrictModel):
+    """DPG-Bench on the generator (2x2 grids asked by a VQA model): the shapes set (exact VQA on
+    CPU) or the release with a transformers VQA model."""
+
+    benchmark: Literal["shapes", "dpg"] = "shapes"
+    root_url: str | None = Field(default=None, description="Directory holding prompts/ and dpg_bench.csv (dpg).")
+    vqa_model_path: str | None = Field(default=None, description="Local transformers VQA model directory (dpg).")
+    shapes_prompts: int = Field(40, gt=0, description="Prompts of the shapes set.")
+    batch_size: int = Field(16, gt=0, description="Images sampled together (whole prompts of 4 images, at "
+                            "least one; classifier-free guidance adds as many unconditional rows).")
+    upstream_bugs: bool = Field(False, description="Score as the official script does, with its two bugs "
+                                "(category scores from the last tile only; the CSV's first row skipped).")
+
+    @model_validator(mode="after")
+    def _data_given(self) -> "DPGEvalConfig":
+        if self.benchmark == "dpg":
+            missing = [k for k in ("root_url", "vqa_model_path") if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"benchmark dpg needs {', '.join(missing)}")
+        return self
+
+
+class LmmsEvalConfig(StrictModel):
+    """lmms-eval tasks on the understanding model: the eval_understanding_lmms stage, which exists
+    when ``tasks`` names any (it needs the tokenflow-pipeline[lmms] extra)."""
+
+    tasks: tuple[str, ...] = Field((), description="lmms-eval task or group names (built-in, or defined in "
+                                   "include_path); empty: no lmms-eval stage.")
+    include_path: str | None = Field(default=None, min_length=1, description="Folder (any URL) of task YAMLs "
+                                     "added to lmms-eval's built-in tasks, as lmms-eval's --include_path.")
+    batch_size: int = Field(16, gt=0, description="Requests per model call.")
+    limit: int | None = Field(default=None, gt=0, description="Documents per task (quick checks); None: all.")
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not t.strip() or t != t.strip() for t in value):
+            raise ValueError(f"task names must be non-empty without surrounding spaces, got {list(value)}")
+        if repeated := sorted({t for t in value if value.count(t) > 1}):
+            raise ValueError(f"tasks named more than once: {repeated}")
+        return value
+
+
 class EvalConfig(StrictModel):
     """The eval_* stages: benchmarks, scorers' weights, and the untrained baselines' seed."""
 
@@ -615,6 +658,8 @@ class EvalConfig(StrictModel):
     generation: GenerationEvalConfig = GenerationEvalConfig()
     understanding: UnderstandingEvalConfig = UnderstandingEvalConfig()
     pope: POPEEvalConfig = POPEEvalConfig()
+    dpg: DPGEvalConfig = DPGEvalConfig()
+    lmms: LmmsEvalConfig = LmmsEvalConfig()
 
 
 DEFAULT_REGISTERED_MODELS = {
@@ -734,6 +779,12 @@ class TokenFlowConfig(StrictModel):
             except ValidationError as exc:
                 problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
                 raise ValueError(f"train_generator.tokenizer_view: {problems}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _lmms_tasks_have_a_model(self) -> "TokenFlowConfig":
+        if self.eval.lmms.tasks and self.train_understanding is None:
+            raise ValueError("eval.lmms.tasks needs the train_understanding section (the model it evaluates)")
         return self
 
 

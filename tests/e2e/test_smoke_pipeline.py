@@ -22,13 +22,14 @@ from tests.conftest import REPO, forget_s3_clients
 
 DASHBOARD = "http://127.0.0.1:8265"
 STAGES = ("corpus", "train_tokenizer", "eval_reconstruction", "pretokenize", "train_generator",
-          "train_understanding", "eval_generation", "eval_understanding", "eval_pope")
+          "train_understanding", "eval_generation", "eval_dpg", "eval_understanding", "eval_pope")
 PROMISED = {
     "train_tokenizer": ("loss/total", "codebook/usage", "heldout/psnr", "latent_norm/pixel",
                         "residual/pixel/scale_0_1", "residual/semantic/scale_5_8"),
     "eval_reconstruction": ("psnr", "baseline/psnr", "residual/pixel/scale_5_8", "latent_norm/semantic"),
     "eval_generation": ("overall", "baseline/overall", "reference/overall"),
     "eval_pope": ("f1", "baseline/f1", "random/f1", "adversarial/yes_ratio", "baseline/popular/accuracy"),
+    "eval_dpg": ("overall", "baseline/overall", "reference/overall", "entity", "baseline/attribute/color"),
     "train_generator": ("loss/image_tokens", "heldout/loss", "heldout/unigram_entropy"),
     "train_understanding": ("align/loss/answer", "loss/answer", "heldout/yes_no_accuracy", "heldout/majority_rate"),
     "corpus": ("stage_seconds",),
@@ -127,7 +128,7 @@ def test_smoke_pipeline_on_object_storage_and_a_tracking_server_then_cached(stac
     for stage in ("train_tokenizer", "train_generator"):  # system metrics per node, step images
         assert "system/node-0/cpu_utilization_percentage" in children[stage].data.metrics, stage
         assert any(a.path.endswith(".png") for a in client.list_artifacts(children[stage].info.run_id, "images"))
-    for stage in ("eval_reconstruction", "eval_generation", "eval_understanding", "eval_pope"):
+    for stage in ("eval_reconstruction", "eval_generation", "eval_dpg", "eval_understanding", "eval_pope"):
         artifacts = {a.path for a in client.list_artifacts(children[stage].info.run_id)}
         assert "results_table.json" in artifacts, stage
     datasets = {d.dataset.name for d in children["eval_generation"].inputs.dataset_inputs}
@@ -136,8 +137,8 @@ def test_smoke_pipeline_on_object_storage_and_a_tracking_server_then_cached(stac
         "plan.json", "resolved_config.yaml", "overrides.txt", "packages.txt"}
     assert parent.data.tags["tokenflow.cached"] == "false"
     assert any(k.startswith("eval_reconstruction/") for k in parent.data.metrics)
-    for headline in ("eval_generation/overall", "eval_understanding/perception", "eval_pope/f1"):
-        # shapes-GenEval, shapes-MME and shapes-POPE side by side with their untrained baselines
+    for headline in ("eval_generation/overall", "eval_dpg/overall", "eval_understanding/perception", "eval_pope/f1"):
+        # shapes-GenEval, shapes-DPG, shapes-MME and shapes-POPE side by side with their untrained baselines
         stage, metric = headline.split("/", 1)
         assert {headline, f"{stage}/baseline/{metric}"} <= set(parent.data.metrics), headline
 
@@ -160,7 +161,7 @@ def test_smoke_pipeline_on_object_storage_and_a_tracking_server_then_cached(stac
 
     dry = _submit(root, "--dry-run", "--set", "train_generator.steps=601")
     rerun = sorted(line.split()[0] for line in dry.stdout.splitlines() if " run " in line or " pending " in line)
-    assert rerun == ["eval_generation", "train_generator"]
+    assert rerun == ["eval_dpg", "eval_generation", "train_generator"]
 
     refused = subprocess.run([sys.executable, "-c", "import mlflow; mlflow.MlflowClient().search_experiments()"],
                              env={**_env(), "MLFLOW_TRACKING_URI": stack.mlflow.uri}, capture_output=True, text=True)

@@ -10,12 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from tokenflow.config import ConfigError, LanguageModelConfig, load_config
 from tokenflow.data.corpus import iter_shard
 from tokenflow.data.manifest import corpus_manifest, index_shard
 from tokenflow.data.shapes import write_shapes_corpus
 from tokenflow.eval import runners
+from tokenflow.eval.dpg import load_dpg, score_dpg, split_grid
 from tokenflow.models.generator import NextScaleGenerator
 from tokenflow.models.language_model import build_language_model
 from tokenflow.models.llm_weights import TEXT_TOKENIZER_DIR, WEIGHTS_NAME, generator_meta, save_llm, save_text_tokenizer
@@ -25,6 +27,7 @@ from tokenflow.models.tokenizer import TokenFlowTokenizer
 from tokenflow.models.understanding import UnderstandingModel
 from tokenflow.models.weights import load_tokenizer, save_tokenizer
 from tokenflow.seeding import seed_for
+from tokenflow.stages.eval_dpg import run_eval_dpg
 from tokenflow.stages.eval_generation import run_eval_generation
 from tokenflow.stages.eval_pope import run_eval_pope
 from tokenflow.stages.eval_reconstruction import run_eval_reconstruction
@@ -98,7 +101,7 @@ def _config(out, *extra: str):
         "train_generator.sampling={cfg_scale: 2.0, top_k: [20, 1], top_p: [0.8, 0.0]}",
         "eval.reconstruction.batch_size=8", "eval.generation.shapes_per_tag=2", "eval.generation.images_per_prompt=2",
         "eval.understanding.shapes_per_subtask=2", "eval.understanding.batch_size=4",
-        "eval.pope.shapes_images=3", "eval.pope.batch_size=8",
+        "eval.pope.shapes_images=3", "eval.pope.batch_size=8", "eval.dpg.shapes_prompts=3", "eval.dpg.batch_size=8",
         f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}", *extra])
 
 
@@ -217,6 +220,38 @@ def test_eval_generation_scores_a_failed_generation_as_zero(corpus, exports, tin
     assert "prompts.jsonl" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
+def test_eval_dpg_on_the_shapes_set(corpus, exports, tiny_tokenizer_path, tmp_path):
+    """Each prompt's four images as one 2x2 grid ``images/<item_id>.png`` (the official layout),
+    every question asked of every tile; the metrics are the table's answers scored again."""
+    out = tmp_path / "dpg"
+    manifest = run_eval_dpg(_config(out), corpus, exports[0], str(tiny_tokenizer_path), str(out))
+    client, run = _finished_run(out, manifest, "eval_dpg")
+    items = load_dpg(str(out / "dpg"))
+    assert len(items) == 3 and manifest["questions"] == "dpg" and manifest["upstream_bugs"] is False
+    for name in ("images", "baseline_images"):
+        assert sorted(p.name for p in (out / name).iterdir()) == sorted(f"{i.item_id}.png" for i in items)
+        grid = Image.open(out / name / f"{items[0].item_id}.png")
+        assert grid.size == (128, 128) and [t.size for t in split_grid(grid)] == [(64, 64)] * 4
+
+    table = pq.read_table(out / "results.parquet").to_pylist()
+    assert len(table) == 4 * sum(len(i.questions) for i in items)
+    assert all(r["correct"] == (r["answer"] == "yes") and r["error"] is None for r in table)
+    m = manifest["metrics"]
+    for prefix, column in (("", "answer"), ("baseline/", "baseline_answer")):
+        answers = {i.item_id: [{r["proposition_id"]: r[column] for r in table if r["item_id"] == i.item_id
+                                and r["tile"] == tile} for tile in range(4)] for i in items}
+        scored = {prefix + k: v for k, v in score_dpg(items, answers).metrics().items()}
+        assert scored == pytest.approx({k: m[k] for k in scored})
+    assert m["failed_generations"] == m["baseline/failed_generations"] == 0
+    assert m["num_prompts"] == m["reference/num_prompts"] == 3 and 0.0 <= m["reference/overall"] <= 1.0
+    assert {"entity", "attribute", "other", "entity/whole", "baseline/other/count"} <= set(m)
+    assert {"corpus_manifest", "questions", "generator", "tokenizer"} == set(manifest["inputs"])
+    assert "overall:" in run.data.tags["mlflow.note.content"]
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "grids")}
+    assert names == {"grids/dpg.png", "grids/baseline_dpg.png"}
+    assert "dpg_questions" in {d.dataset.name for d in run.inputs.dataset_inputs}
+
+
 def test_eval_understanding(corpus, exports, tiny_tokenizer_path, tmp_path):
     out = tmp_path / "und"
     manifest = run_eval_understanding(_config(out), corpus, exports[1], str(tiny_tokenizer_path), str(out))
@@ -301,7 +336,11 @@ def test_eval_refuses_models_of_another_tokenizer_and_missing_sections(corpus, e
         run_eval_understanding(cfg, corpus, exports[1], str(other), str(tmp_path / "u"))
     with pytest.raises(ValueError, match="another tokenizer"):
         run_eval_pope(cfg, corpus, exports[1], str(other), str(tmp_path / "p"))
+    with pytest.raises(ValueError, match="another tokenizer"):
+        run_eval_dpg(cfg, corpus, exports[0], str(other), str(tmp_path / "d"))
     bare = load_config(MODEL_CONFIGS / "tokenflow-tiny.yaml")
     with pytest.raises(ConfigError, match="needs the train_generator section"):
         run_eval_generation(bare, corpus, exports[0], str(other), str(tmp_path / "g"))
-    assert not any((tmp_path / name).exists() for name in ("g", "u", "p"))
+    with pytest.raises(ConfigError, match="eval_dpg needs the train_generator section"):
+        run_eval_dpg(bare, corpus, exports[0], str(other), str(tmp_path / "d"))
+    assert not any((tmp_path / name).exists() for name in ("g", "u", "p", "d"))

@@ -44,15 +44,15 @@ def completed(tmp_path_factory):
 
 
 ALL = {"corpus", "train_tokenizer", "eval_reconstruction", "pretokenize", "train_generator", "train_understanding",
-       "eval_generation", "eval_understanding", "eval_pope"}
+       "eval_generation", "eval_dpg", "eval_understanding", "eval_pope"}
 
 
 @pytest.mark.parametrize("override,expected", [
     # included: the config a stage reads
-    ("train_generator.steps=70", {"train_generator", "eval_generation"}),
+    ("train_generator.steps=70", {"train_generator", "eval_generation", "eval_dpg"}),
     ("train_understanding.lr=0.0002", {"train_understanding", "eval_understanding", "eval_pope"}),
     ("pretokenize.micro_batch=8", {"pretokenize", "train_generator", "train_understanding", "eval_generation",
-                                   "eval_understanding", "eval_pope"}),
+                                   "eval_dpg", "eval_understanding", "eval_pope"}),
     ("pretokenize.compression=snappy", ALL - {"corpus", "train_tokenizer", "eval_reconstruction"}),
     ("train_tokenizer.steps=100", ALL - {"corpus"}),
     ("tokenizer.quantizer.beta=0.5", ALL - {"corpus"}),
@@ -60,9 +60,11 @@ ALL = {"corpus", "train_tokenizer", "eval_reconstruction", "pretokenize", "train
     ("eval.generation.images_per_prompt=3", {"eval_generation"}),
     ("eval.understanding.shapes_per_subtask=5", {"eval_understanding"}),
     ("eval.pope.shapes_images=5", {"eval_pope"}),
-    ("eval.seed=3", {"eval_reconstruction", "eval_generation", "eval_understanding", "eval_pope"}),
+    ("eval.dpg.shapes_prompts=5", {"eval_dpg"}),
+    ("eval.dpg.upstream_bugs=true", {"eval_dpg"}),
+    ("eval.seed=3", {"eval_reconstruction", "eval_generation", "eval_dpg", "eval_understanding", "eval_pope"}),
     # included where it is used: inference settings belong to the evaluations
-    ("train_generator.sampling.cfg_scale=1.5", {"eval_generation"}),
+    ("train_generator.sampling.cfg_scale=1.5", {"eval_generation", "eval_dpg"}),
     ("train_understanding.max_new_tokens=3", {"eval_understanding", "eval_pope"}),
     # the resolved device counts, not the setting: auto already resolved to the CPU here
     ("train_generator.use_gpu=false", set()),
@@ -120,7 +122,7 @@ def test_the_deepspeed_file_contents_are_part_of_the_identity(tmp_path):
     _complete_all(tmp_path / "s", override)
     assert _reruns(tmp_path / "s", override) == set()
     ds.write_text(ds.read_text() + "\nwall_clock_breakdown: true\n")
-    assert _reruns(tmp_path / "s", override) == {"train_generator", "eval_generation"}
+    assert _reruns(tmp_path / "s", override) == {"train_generator", "eval_generation", "eval_dpg"}
 
 
 def test_inputs_count_by_content(tmp_path):
@@ -214,7 +216,7 @@ def test_code_identity_is_the_modules_a_stage_imports(tmp_path):
     (package / "cli.py").write_text((package / "cli.py").read_text() + "\n# an unrelated edit\n")
     assert _reruns(tmp_path / "s", env=Environment(False, LIBRARIES, package)) == set()
     (package / "eval" / "shapes_geneval.py").write_text((package / "eval" / "shapes_geneval.py").read_text() + "\n#\n")
-    assert _reruns(tmp_path / "s", env=Environment(False, LIBRARIES, package)) == {"eval_generation"}
+    assert _reruns(tmp_path / "s", env=Environment(False, LIBRARIES, package)) == {"eval_generation", "eval_dpg"}
 
 
 FINETUNE = "finetune_decoder={steps: 50, decoder_ch: 32, lr_schedule: {warmup_steps: 5}}"
@@ -225,12 +227,12 @@ def test_a_decoder_finetune_reruns_the_decoding_evaluations_only(tmp_path):
     """Tokens do not depend on the fine-tuned decoder: adding the stage changes no token shard
     or LLM stage identity, only the evaluations that decode with its export."""
     base = _complete_all(tmp_path)
-    assert _reruns(tmp_path, FINETUNE) == {"finetune_decoder", "eval_reconstruction", "eval_generation"}
+    assert _reruns(tmp_path, FINETUNE) == {"finetune_decoder", "eval_reconstruction", "eval_generation", "eval_dpg"}
     tuned = _complete_all(tmp_path, FINETUNE)
     assert set(tuned) == set(base) | {"finetune_decoder"}
-    assert {n for n in base if tuned[n] != base[n]} == {"eval_reconstruction", "eval_generation"}
+    assert {n for n in base if tuned[n] != base[n]} == {"eval_reconstruction", "eval_generation", "eval_dpg"}
     assert _reruns(tmp_path, FINETUNE, "finetune_decoder.steps=60") == {"finetune_decoder", "eval_reconstruction",
-                                                                        "eval_generation"}
+                                                                        "eval_generation", "eval_dpg"}
     assert _reruns(tmp_path, FINETUNE, "tokenizer.discriminator.start_step=7") == ALL - {"corpus"} | {
         "finetune_decoder"}  # the fine-tune trains with the pipeline's loss settings
 
@@ -241,16 +243,16 @@ def test_a_generation_view_adds_its_own_token_shards(tmp_path):
     assert specs["train_generator"].inputs == ("pretokenize_generation", "train_tokenizer")
     assert specs["train_understanding"].inputs == ("pretokenize", "train_tokenizer")
     base = _complete_all(tmp_path)
-    assert _reruns(tmp_path, VIEW) == {"pretokenize_generation", "train_generator", "eval_generation"}
+    assert _reruns(tmp_path, VIEW) == {"pretokenize_generation", "train_generator", "eval_generation", "eval_dpg"}
     viewed = _complete_all(tmp_path, VIEW)
     assert set(viewed) == set(base) | {"pretokenize_generation"}
-    assert {n for n in base if viewed[n] != base[n]} == {"train_generator", "eval_generation"}
+    assert {n for n in base if viewed[n] != base[n]} == {"train_generator", "eval_generation", "eval_dpg"}
 
 
 def test_a_config_with_every_optional_stage_has_every_stage_name():
     from tokenflow.workflow.pipeline import STAGE_NAMES
 
-    cfg = load_config(REPO / "configs" / "pipelines" / "tokenflow-b.yaml")
+    cfg = load_config(REPO / "configs" / "pipelines" / "tokenflow-b.yaml", ["eval.lmms.tasks=[mme]"])  # opt-in stage
     specs = stages(cfg)
     assert sorted(s.name for s in specs) == sorted(STAGE_NAMES)
     seen: set[str] = set()
@@ -265,7 +267,7 @@ def test_stages_without_their_section_are_left_out(tmp_path):
     from tokenflow.config import validate
 
     names = [p.name for p in plan(validate(data), str(tmp_path), env=ENV)]
-    assert "train_generator" not in names and "eval_generation" not in names and "train_understanding" in names
+    assert not {"train_generator", "eval_generation", "eval_dpg"} & set(names) and "train_understanding" in names
     with pytest.raises(PlanError, match="no stage 'train_generator'"):
         plan(validate(data), str(tmp_path), only="train_generator", env=ENV)
 
@@ -290,13 +292,15 @@ def test_complete_stages_are_cached_and_partial_runs_need_their_inputs(tmp_path)
     assert partial["pretokenize"] == "run" and partial["train_generator"] == "skipped"
     started = {p.name: p.status for p in plan(cfg, str(tmp_path), start="pretokenize", env=ENV)}
     assert [n for n, s in started.items() if s in ("run", "pending")] == [
-        "pretokenize", "train_generator", "train_understanding", "eval_generation", "eval_understanding", "eval_pope"]
+        "pretokenize", "train_generator", "train_understanding", "eval_generation", "eval_dpg", "eval_understanding",
+        "eval_pope"]
     assert started["eval_reconstruction"] == "skipped"
     assert "eval_reconstruction" in describe(plan(cfg, str(tmp_path), env=ENV))
 
 
 def test_downstream_and_output_layout(tmp_path):
-    assert downstream(stages(load_config(SMOKE)), {"train_generator"}) == {"train_generator", "eval_generation"}
+    assert downstream(stages(load_config(SMOKE)), {"train_generator"}) == {"train_generator", "eval_generation",
+                                                                           "eval_dpg"}
     out = StageOutput.under(str(tmp_path), "corpus", "ab" * 32)
     assert out.url.endswith("corpus/" + "ab" * 6) and not out.complete()
     storage.write_json_atomic(out.manifest_url, {"ok": 1})
@@ -314,12 +318,15 @@ def test_full_py_validates_the_config_before_any_cluster_work(tmp_path):
     pope = subprocess.run([sys.executable, "pipelines/full.py", "--config", str(SMOKE), "--set",
                            "eval.pope.benchmark=pope", "--dry-run"], cwd=REPO, capture_output=True, text=True)
     assert pope.returncode == 2 and "eval.pope: benchmark pope needs root_url, image_root_url" in pope.stderr
+    dpg = subprocess.run([sys.executable, "pipelines/full.py", "--config", str(SMOKE), "--set",
+                          "eval.dpg.benchmark=dpg", "--dry-run"], cwd=REPO, capture_output=True, text=True)
+    assert dpg.returncode == 2 and "eval.dpg: benchmark dpg needs root_url, vqa_model_path" in dpg.stderr
     dry = subprocess.run([sys.executable, "pipelines/full.py", "--config", str(SMOKE), "--storage", str(tmp_path),
                           "--dry-run"], cwd=REPO, capture_output=True, text=True, check=True)
-    assert dry.stdout.count(" run ") + dry.stdout.count(" pending ") == 9 and not (tmp_path / "corpus").exists()
+    assert dry.stdout.count(" run ") + dry.stdout.count(" pending ") == 10 and not (tmp_path / "corpus").exists()
 
 
-@pytest.mark.parametrize("name,count", [("smoke", 9), ("ci", 9), ("tokenflow-b", 11), ("tokenflow-xl", 10)])
+@pytest.mark.parametrize("name,count", [("smoke", 10), ("ci", 10), ("tokenflow-b", 12), ("tokenflow-xl", 11)])
 def test_every_pipeline_config_validates_and_plans(name, count, tmp_path):
     cfg = load_config(REPO / "configs" / "pipelines" / f"{name}.yaml")
     if cfg.corpus.source == "url":  # planning lists the corpus' shards: here, local stand-ins

@@ -83,7 +83,7 @@ def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB; transparency is composited onto white."""
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         image = _high_bit_depth_to_l(image)
@@ -125,7 +125,7 @@ def decode_image(data: bytes, limits: SampleLimitsConfig = DEFAULT_LIMITS) -> Im
     finally:
         stream.armed = False
     try:
-        return _to_rgb(ImageOps.exif_transpose(image))
+        return to_rgb(ImageOps.exif_transpose(image))
     except Exception as exc:
         raise _failure(exc, f"{image.format} {image.mode} to RGB") from exc
 

@@ -1,5 +1,6 @@
 """Running models on the benchmarks: GenEval images from the generator, MME and POPE replies
-from the understanding model, and the untrained baselines both are compared with.
+from the understanding model, and the untrained baselines both are compared with (DPG-Bench's
+grids: :mod:`tokenflow.eval.dpg_runner`).
 
 Generation: whole prompts are batched (``batch_size`` images, each with its unconditional row);
 a prompt's ``n`` images draw from a generator seeded from ``(seed, prompt index)``, so they
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence, TypeVar
+from typing import Callable, Mapping, Protocol, Sequence, TypeVar
 
 import torch
 from PIL import Image
@@ -125,19 +126,31 @@ def generate_images(model: NextScaleGenerator, tok: PreTrainedTokenizerBase, tok
     retried prompt by prompt; returns the error of each prompt that failed on its own (no images).
     When every prompt fails the evaluation itself has failed: raises ``EvaluationError``."""
     storage.remove_tree(outdir)
+    return sample_prompts(model, tok, tokenizer, [p.prompt for p in prompts], images_per_prompt, sampling, seed,
+                          max_text_tokens, batch_size,
+                          lambda i, images: write_prompt(outdir, i, prompts[i], list(to_uint8(images))))
+
+
+def sample_prompts(model: NextScaleGenerator, tok: PreTrainedTokenizerBase, tokenizer: TokenFlowTokenizer,
+                   texts: Sequence[str], n: int, sampling: SamplingConfig, seed: int, max_text_tokens: int,
+                   batch_size: int, write: Callable[[int, torch.Tensor], None]) -> dict[int, str]:
+    """``n`` images per text, whole texts batched up to ``batch_size`` images, each text's handed to
+    ``write(index, images)``; a batch that raises is retried text by text. Returns the errors of
+    the texts that failed on their own; when every text fails the evaluation itself has failed:
+    raises ``EvaluationError``."""
     failures: dict[int, str] = {}
     model.eval()
-    per_batch = max(1, batch_size // images_per_prompt)
-    for start in range(0, len(prompts), per_batch):
-        indices = range(start, min(start + per_batch, len(prompts)))
-        for i, images, error in _sample_batch(model, tok, tokenizer, prompts, indices, images_per_prompt, sampling,
-                                              seed, max_text_tokens):
+    per_batch = max(1, batch_size // n)
+    for start in range(0, len(texts), per_batch):
+        indices = range(start, min(start + per_batch, len(texts)))
+        for i, images, error in _sample_batch(model, tok, tokenizer, texts, indices, n, sampling, seed,
+                                              max_text_tokens):
             if images is None:
                 failures[i] = error
             else:
-                write_prompt(outdir, i, prompts[i], list(to_uint8(images)))
-    if prompts and len(failures) == len(prompts):
-        raise EvaluationError(f"every one of {len(prompts)} prompts failed to generate; the first: {failures[0]}")
+                write(i, images)
+    if texts and len(failures) == len(texts):
+        raise EvaluationError(f"every one of {len(texts)} prompts failed to generate; the first: {failures[0]}")
     return failures
 
 
@@ -177,20 +190,44 @@ def load_generated(outdir: str, index: int, images_per_prompt: int, size: int,
 
 
 def _sample_batch(model: NextScaleGenerator, tok: PreTrainedTokenizerBase, tokenizer: TokenFlowTokenizer,
-                  prompts: Sequence[GenEvalPrompt], indices: Sequence[int], n: int, sampling: SamplingConfig,
+                  texts: Sequence[str], indices: Sequence[int], n: int, sampling: SamplingConfig,
                   seed: int, max_text_tokens: int) -> list[tuple[int, torch.Tensor | None, str]]:
-    """(prompt index, its ``n`` images or None, the error) for each of ``indices``."""
+    """(text index, its ``n`` images or None, the error) for each of ``indices``."""
     try:
-        images = sample_prompt_images(model, tok, tokenizer, [prompts[i].prompt for i in indices], n, sampling,
+        images = sample_prompt_images(model, tok, tokenizer, [texts[i] for i in indices], n, sampling,
                                       [seed_for(seed, i) for i in indices], max_text_tokens)
         return [(i, images[k * n : (k + 1) * n], "") for k, i in enumerate(indices)]
     except Exception as exc:  # scored 0 and counted, whatever went wrong with the prompt
         if len(indices) > 1:
             log.warning("a batch of %d prompts failed (%s): sampling them one by one", len(indices), exc)
-            return [row for i in indices for row in _sample_batch(model, tok, tokenizer, prompts, [i], n, sampling,
+            return [row for i in indices for row in _sample_batch(model, tok, tokenizer, texts, [i], n, sampling,
                                                                   seed, max_text_tokens)]
-        log.warning("generation failed for prompt %d (%r): %s", indices[0], prompts[indices[0]].prompt, exc)
+        log.warning("generation failed for prompt %d (%r): %s", indices[0], texts[indices[0]], exc)
         return [(indices[0], None, f"{type(exc).__name__}: {exc}")]
+
+
+def reconstructions(tokenizer: TokenFlowTokenizer, sources: Sequence[bytes], batch_size: int = 32,
+                    limits: SampleLimitsConfig = DEFAULT_LIMITS) -> tuple[dict[int, Image.Image], dict[int, str]]:
+    """The tokenizer's round trip of each source image (encoded bytes) at its resolution, by
+    index, and the decode-failure reason of the sources that cannot be read."""
+    size, device = tokenizer.cfg.image_size, _device(tokenizer)
+    failed: dict[int, str] = {}
+    decoded: dict[int, torch.Tensor] = {}
+    for i, source in enumerate(sources):
+        try:
+            decoded[i] = preprocess(decode_image(source, limits), size)
+        except DecodeError as exc:
+            failed[i] = exc.reason
+    order = list(decoded)
+    images: dict[int, Image.Image] = {}
+    tokenizer.eval()
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        with torch.no_grad():
+            tokens = tokenizer.encode(torch.stack([decoded[i] for i in chunk]).to(device))
+            recon = tokenizer.decode_indices(tokens).clamp(0, 1).cpu()
+        images.update((i, Image.fromarray(pixels)) for i, pixels in zip(chunk, to_uint8(recon)))
+    return images, failed
 
 
 def score_reconstructions(tokenizer: TokenFlowTokenizer, sources: Sequence[bytes], prompts: Sequence[GenEvalPrompt],
@@ -199,24 +236,11 @@ def score_reconstructions(tokenizer: TokenFlowTokenizer, sources: Sequence[bytes
     """Each prompt scored on the tokenizer's reconstruction of its source image (encoded bytes):
     what a generator that reproduced the images exactly would score through this tokenizer. A
     source that cannot be decoded scores 0 with the reason."""
-    size, device = tokenizer.cfg.image_size, _device(tokenizer)
-    results: dict[int, ImageResult] = {}
-    decoded: dict[int, torch.Tensor] = {}
-    for i, (source, prompt) in enumerate(zip(sources, prompts, strict=True)):
-        try:
-            decoded[i] = preprocess(decode_image(source, limits), size)
-        except DecodeError as exc:
-            results[i] = ImageResult(prompt.tag, prompt.prompt, False, f"source image: {exc.reason}")
-    order = list(decoded)
-    tokenizer.eval()
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        with torch.no_grad():
-            tokens = tokenizer.encode(torch.stack([decoded[i] for i in chunk]).to(device))
-            recon = tokenizer.decode_indices(tokens).clamp(0, 1).cpu()
-        for i, pixels in zip(chunk, to_uint8(recon)):
-            results[i] = score_image(Image.fromarray(pixels), prompts[i], detector, color_classifier, rules)
-    return [results[i] for i in range(len(prompts))]
+    if len(sources) != len(prompts):
+        raise ValueError(f"{len(sources)} source images for {len(prompts)} prompts")
+    images, failed = reconstructions(tokenizer, sources, batch_size, limits)
+    return [ImageResult(prompt.tag, prompt.prompt, False, f"source image: {failed[i]}") if i in failed
+            else score_image(images[i], prompt, detector, color_classifier, rules) for i, prompt in enumerate(prompts)]
 
 
 # --------------------------------------------------------------------------- MME, POPE

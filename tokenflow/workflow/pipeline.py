@@ -2,14 +2,16 @@
 
     corpus ──► train_tokenizer ──► [finetune_decoder] ──► eval_reconstruction
        │              │
-       ├────────► pretokenize ──────────────► train_understanding ──► eval_understanding, eval_pope
-       └────────► [pretokenize_generation] ─► train_generator ──► eval_generation
+       ├────────► pretokenize ──────────────► train_understanding ──► eval_understanding, eval_pope,
+       │                                                              [eval_understanding_lmms]
+       └────────► [pretokenize_generation] ─► train_generator ──► eval_generation, eval_dpg
 
 Bracketed stages exist only when configured: ``finetune_decoder`` (the reference's decoder-only
 second phase) when its section is set, and then every decoding evaluation uses its export;
 ``pretokenize_generation`` when ``train_generator.tokenizer_view`` tokenizes the generator's
 corpus at another resolution (TokenFlow-B at 256 px), else the generator reads ``pretokenize``.
-The LLM stages and their evaluations exist when their sections are set.
+The LLM stages and their evaluations exist when their sections are set;
+``eval_understanding_lmms`` when ``eval.lmms.tasks`` names lmms-eval tasks.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ Runner = Callable[[TokenFlowConfig, Inputs, str, RunLink], dict[str, Any]]
 
 STAGE_NAMES = ("corpus", "train_tokenizer", "finetune_decoder", "eval_reconstruction", "pretokenize",
                "pretokenize_generation", "train_generator", "train_understanding", "eval_generation",
-               "eval_understanding", "eval_pope")
+               "eval_dpg", "eval_understanding", "eval_pope", "eval_understanding_lmms")
 
 MODEL_LIBRARIES = ("torch", "transformers", "open_clip_torch")
 TRAINING_LIBRARIES = MODEL_LIBRARIES + ("deepspeed",)
@@ -140,6 +142,14 @@ def _eval_generation(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLi
                                _tokenizer_url(inputs, decoder), out, link)
 
 
+def _eval_dpg(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink,
+              decoder: str = "train_tokenizer") -> dict[str, Any]:
+    from tokenflow.stages.eval_dpg import run_eval_dpg
+
+    return run_eval_dpg(cfg, _manifest(inputs, "corpus"), _model_dir(inputs, "train_generator"),
+                        _tokenizer_url(inputs, decoder), out, link)
+
+
 def _eval_understanding(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink) -> dict[str, Any]:
     from tokenflow.stages.eval_understanding import run_eval_understanding
 
@@ -152,6 +162,22 @@ def _eval_pope(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink) ->
 
     return run_eval_pope(cfg, _manifest(inputs, "corpus"), _model_dir(inputs, "train_understanding"),
                          _tokenizer_url(inputs), out, link)
+
+
+def _eval_understanding_lmms(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink) -> dict[str, Any]:
+    from tokenflow.stages.eval_understanding_lmms import run_eval_understanding_lmms
+
+    return run_eval_understanding_lmms(cfg, _model_dir(inputs, "train_understanding"), _tokenizer_url(inputs), out,
+                                       link)
+
+
+def _lmms_sources(cfg: TokenFlowConfig) -> dict[str, str]:
+    """The lmms-eval task folder's files, by size and version (the tasks' own data files count
+    only through the task definitions naming them)."""
+    from tokenflow.eval.lmms import task_folder_digest
+
+    url = cfg.eval.lmms.include_path
+    return {"lmms_tasks": task_folder_digest(url)} if url else {}
 
 
 _STAGES = "tokenflow.stages."
@@ -200,11 +226,12 @@ def stages(cfg: TokenFlowConfig) -> tuple[StageSpec, ...]:
                                _excluded("train_understanding", "eval_every", "heldout_questions", "max_new_tokens"),
                                "train_understanding", TRAINING_LIBRARIES))
     if gen is not None:  # sampling is inference: it belongs to the evaluation, not to the training
-        specs.append(StageSpec("eval_generation", decoding + ("train_generator",),
-                               ("eval.generation", "eval.seed", "train_generator.sampling",
-                                "train_generator.tokenizer_view", "train_generator.language_model.max_text_tokens",
-                                "limits"),
-                               _STAGES + "eval_generation", partial(_eval_generation, decoder=decoder), device="eval"))
+        sampling = ("eval.seed", "train_generator.sampling", "train_generator.tokenizer_view",
+                    "train_generator.language_model.max_text_tokens", "limits")
+        specs += [StageSpec("eval_generation", decoding + ("train_generator",), ("eval.generation",) + sampling,
+                            _STAGES + "eval_generation", partial(_eval_generation, decoder=decoder), device="eval"),
+                  StageSpec("eval_dpg", decoding + ("train_generator",), ("eval.dpg",) + sampling,
+                            _STAGES + "eval_dpg", partial(_eval_dpg, decoder=decoder), device="eval")]
     if cfg.train_understanding is not None:
         answering = ("eval.seed", "train_understanding.max_new_tokens",
                      "train_understanding.language_model.max_text_tokens", "limits")
@@ -213,6 +240,12 @@ def stages(cfg: TokenFlowConfig) -> tuple[StageSpec, ...]:
                             device="eval"),
                   StageSpec("eval_pope", ("corpus", "train_tokenizer", "train_understanding"),
                             ("eval.pope",) + answering, _STAGES + "eval_pope", _eval_pope, device="eval")]
+        if cfg.eval.lmms.tasks:
+            specs.append(StageSpec("eval_understanding_lmms", ("train_tokenizer", "train_understanding"),
+                                   ("eval.lmms", "eval.seed", "train_understanding.max_new_tokens",
+                                    "train_understanding.language_model.max_text_tokens"),
+                                   _STAGES + "eval_understanding_lmms", _eval_understanding_lmms, device="eval",
+                                   libraries=MODEL_LIBRARIES + ("lmms-eval",), sources=_lmms_sources))
     return tuple(specs)
 
 
