@@ -1,6 +1,6 @@
 """Pre-tokenize throughput: bare encode ceiling vs the Ray Data stage vs a per-image .npy loop.
 
-    python -m benchmarks.bench_pretokenize [--quick] [--images 3000] [--work-dir DIR]
+    python -m benchmarks.bench_pretokenize [--quick] [--images 3000] [--b-images 64] [--work-dir DIR]
 
 One shapes corpus (webdataset tars, 64 px PNGs) and one tiny tokenizer (randomly initialised,
 seed 0), three ways, on the same 2-CPU budget:
@@ -20,7 +20,12 @@ conservative). CPU milliseconds per image are measured as well, which other user
 less than wall time: ``process_time`` of the (a) and (c) processes; for (b), every process of
 this script (its private Ray instance, the actors, the driver), sampled. The ``_cpu`` ratios
 compare CPU per image. A single-process CPU breakdown of the stage's per-image work follows.
-``--quick`` measures each once.
+
+Then the case where encoding dominates, as on a cluster: a TokenFlow-B-shaped tokenizer (the
+architecture of configs/models/tokenflow-b.yaml with its pretrained tower source cleared,
+randomly initialised, seed 0; 561 tokens/image, K=32768) on 224 px shapes images in shards of 16,
+micro-batch 8, (a) and (b) once each on the same 2-CPU budget; ``B_b/a`` is (b)'s end-to-end
+throughput over (a)'s. ``--quick`` measures each once, on small inputs.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import multiprocessing as mp
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +47,42 @@ from benchmarks.common import (REPO, CpuSampler, header, make_corpus, make_tiny_
 log = logging.getLogger("benchmarks.pretokenize")
 
 SMOKE = REPO / "configs" / "pipelines" / "smoke.yaml"
+B_CONFIG = REPO / "configs" / "models" / "tokenflow-b.yaml"
+
+
+@dataclass(frozen=True)
+class _Case:
+    """One corpus (its ``train`` split), one tokenizer, and the stage's settings for them."""
+
+    manifest: dict[str, Any]
+    tokenizer: str
+    cfg: Any  # PretokenizeConfig (tokenflow is imported after the header is printed)
+
+    @property
+    def urls(self) -> list[str]:
+        return [s["url"] for s in self.manifest["splits"]["train"]["shards"]]
+
+    @property
+    def images(self) -> int:
+        return self.manifest["splits"]["train"]["samples"]
+
+
+def make_b_tokenizer(path: Path) -> Path:
+    """A TokenFlow-B-shaped tokenizer: configs/models/tokenflow-b.yaml with the semantic tower's
+    pretrained source cleared, randomly initialised (seed 0), saved as the inference export."""
+    import torch
+
+    from tokenflow.config import load_config
+    from tokenflow.models.tokenizer import TokenFlowTokenizer
+    from tokenflow.models.weights import save_tokenizer
+
+    if not path.exists():
+        cfg = load_config(B_CONFIG).tokenizer
+        tower = cfg.semantic_encoder.model_copy(update={"pretrained": None})
+        torch.manual_seed(0)
+        model = TokenFlowTokenizer(cfg.model_copy(update={"semantic_encoder": tower}), with_teacher=False)
+        save_tokenizer(model, path, include_teacher=False)
+    return path
 
 
 def _encode_worker(tokenizer: str, urls: list[str], threads: int, micro_batch: int, scratch: str,
@@ -154,9 +196,10 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--images", type=int, default=3000)
     p.add_argument("--shard-size", type=int, default=250)
+    p.add_argument("--b-images", type=int, default=64, help="images of the TokenFlow-B-shaped case (224 px)")
     args = p.parse_args()
     if args.quick:
-        args.images, args.shard_size = 64, 16
+        args.images, args.shard_size, args.b_images = 64, 16, 8
     header("Pre-tokenize throughput")
 
     import ray
@@ -165,37 +208,38 @@ def main() -> None:
     from tokenflow.stages.pretokenize import pretokenize_corpus
 
     cfg = load_config(SMOKE).pretokenize
+    b_micro, b_shard = (4, 4) if args.quick else (8, 16)
+    b_cfg = cfg.model_copy(update={"micro_batch": b_micro, "batch_size": 2 * b_micro})
     ctx = mp.get_context("spawn")
     with work_dir(args.work_dir) as work, ctx.Manager() as manager, \
             ProcessPoolExecutor(2, mp_context=ctx) as pool, CpuSampler() as sampler:
-        manifest = make_corpus(work / "corpus", args.images, args.shard_size)
-        urls = [s["url"] for s in manifest["splits"]["train"]["shards"]]
-        tokenizer = str(make_tiny_tokenizer(work / "tokenizer.safetensors"))
-        n = manifest["splits"]["train"]["samples"]
+        tiny = _Case(make_corpus(work / "corpus", args.images, args.shard_size),
+                     str(make_tiny_tokenizer(work / "tokenizer.safetensors")), cfg)
+        n, urls, tokenizer = tiny.images, tiny.urls, tiny.tokenizer
         print(f"corpus: {n} shapes images (64 px PNG) in {len(urls)} webdataset shards; tokenizer: "
               f"tokenflow-tiny, randomly initialised (seed 0), 130 tokens/image, K=512; stage settings "
               f"from {SMOKE.relative_to(REPO)}: batch_size {cfg.batch_size}, micro_batch {cfg.micro_batch}, "
               f"{cfg.num_actors} actors x {cfg.cpus_per_actor:g} CPU, {cfg.compression}\n")
         rows: list[list[Any]] = []
         a_runs, b_runs, cpu_rows = [], [], []
-        a_tokens: dict[str, np.ndarray] = {}
 
         def record(name: str, setup: str, images: int, seconds: float, cpu: float | None, load: float) -> None:
             rows.append([name, setup, images, seconds, images / seconds if images else "",
                          1000 * cpu / images if images and cpu is not None else "", load])
 
-        def encode_only() -> None:
+        def encode_only(case: _Case, label: str = "") -> tuple[float, float, dict[str, np.ndarray]]:
+            """(a) on ``case``: (images/s, CPU s/image, tokens by key)."""
             load = os.getloadavg()[0]
-            seconds, cpu, results = _parallel(pool, manager, _encode_worker, 2, 1, urls, tokenizer,
-                                              cfg.micro_batch, str(work))
-            record("(a) bare encode, images decoded beforehand", "2 proc x 1 thread", n, seconds, cpu, load)
-            a_runs.append((n / seconds, cpu / n))
-            a_tokens.update({k: v for r in results for k, v in r[3].items()})
+            seconds, cpu, results = _parallel(pool, manager, _encode_worker, 2, 1, case.urls, case.tokenizer,
+                                              case.cfg.micro_batch, str(work))
+            record(f"{label}(a) bare encode, images decoded beforehand", "2 proc x 1 thread", case.images,
+                   seconds, cpu, load)
+            return case.images / seconds, cpu / case.images, {k: v for r in results for k, v in r[3].items()}
 
-        def stage(run: str, out: Path, images: int) -> tuple[float, float]:
+        def stage(run: str, case: _Case, out: Path, images: int) -> tuple[float, float]:
             load = os.getloadavg()[0]
             start, wall = time.time(), time.monotonic()
-            pretokenize_corpus(manifest, tokenizer, str(out), cfg)
+            pretokenize_corpus(case.manifest, case.tokenizer, str(out), case.cfg)
             seconds, end = time.monotonic() - wall, time.time()
             cpu, actors = sampler.cpu(start, end), sampler.cpu(start, end, "MapWorker")
             driver = sampler.cpu(start, end, pid=os.getpid())
@@ -203,15 +247,28 @@ def main() -> None:
             cpu_rows.append([run, seconds, cpu, actors, driver, cpu - actors - driver])
             return seconds, cpu
 
-        encode_only()
+        b_work = work / "b-shaped"
+        big = _Case(make_corpus(b_work / "corpus", args.b_images, b_shard, image_size=224),
+                    str(pool.submit(make_b_tokenizer, b_work / "tokenizer.safetensors").result()), b_cfg)
+        print(f"B-shaped case: {big.images} shapes images (224 px PNG) in {len(big.urls)} webdataset shards; "
+              f"tokenizer: {B_CONFIG.relative_to(REPO)} with semantic_encoder.pretrained cleared, randomly "
+              f"initialised (seed 0), 561 tokens/image, K=32768; stage: batch_size {b_cfg.batch_size}, micro_batch "
+              f"{b_cfg.micro_batch}, {b_cfg.num_actors} actors x {b_cfg.cpus_per_actor:g} CPU\n")
+
+        first = encode_only(tiny)
+        a_runs.append(first[:2])
+        a_tokens = first[2]
         with private_ray(num_cpus=2):
             ray.data.DataContext.get_current().enable_progress_bars = False
-            b_runs.append(stage("end to end, run 1", work / "tokens", n))
-            fixed = stage("run 1 again: every shard skipped (fixed cost)", work / "tokens", 0)
+            b_runs.append(stage("end to end, run 1", tiny, work / "tokens", n))
+            fixed = stage("run 1 again: every shard skipped (fixed cost)", tiny, work / "tokens", 0)
             if not args.quick:
-                b_runs.append(stage("end to end, run 2", work / "tokens-2", n))
+                b_runs.append(stage("end to end, run 2", tiny, work / "tokens-2", n))
+            b_a, b_a_cpu, b_a_tokens = encode_only(big, "B-shaped ")  # Ray up and idle
+            b_b, b_b_cpu = stage("B-shaped, end to end", big, b_work / "tokens", big.images)
+            stage("B-shaped, run again: every shard skipped (fixed cost)", big, b_work / "tokens", 0)
         if not args.quick:
-            encode_only()
+            a_runs.append(encode_only(tiny)[:2])
         (work / "npy").mkdir()
         load = os.getloadavg()[0]
         seconds, cpu, _ = _parallel(pool, manager, _per_image_worker, 2, 1, urls, tokenizer, str(work / "npy"))
@@ -227,8 +284,11 @@ def main() -> None:
         stage_tokens = _stage_tokens(work / "tokens")
         same_a = len(a_tokens) == n and all(np.array_equal(stage_tokens[k], t) for k, t in a_tokens.items())
         agree_c = np.mean([np.mean(np.load(work / "npy" / f"{k}.npy")[0] == t) for k, t in stage_tokens.items()])
+        b_stage_tokens = _stage_tokens(b_work / "tokens")
+        same_b = len(b_a_tokens) == big.images and all(np.array_equal(b_stage_tokens[k], t)
+                                                       for k, t in b_a_tokens.items())
         print(f"check: stage tokens == (a) tokens: {same_a}; (c) batch-1 tokens equal to the stage's: "
-              f"{100 * agree_c:.2f}%\n")
+              f"{100 * agree_c:.2f}%; B-shaped stage tokens == B-shaped (a) tokens: {same_b}\n")
 
         shards = urls[: min(2, len(urls))]
         print(f"Where one actor's time goes: the stage's per-image work in one process, 1 thread, "
@@ -245,6 +305,8 @@ def main() -> None:
             steady, steady_cpu = n / (b_seconds - fixed[0]), (b_cpu - fixed[1]) / n
             ratios.update({"b_steady/a": steady / a, "b_steady/c": steady / c, "b_steady/a_cpu": a_cpu / steady_cpu,
                            "b_steady/c_cpu": c_cpu / steady_cpu})
+        ratios.update({"b_fixed_s": fixed[0], "B_b/a": big.images / b_b / b_a,
+                       "B_b/a_cpu": b_a_cpu * big.images / b_b_cpu})
         ratio_line(ratios)
 
 

@@ -78,8 +78,10 @@ def work_dir(path: str | None) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def make_corpus(out: Path, num_samples: int, shard_size: int, heldout_fraction: float = 0.0) -> dict[str, Any]:
-    """A shapes corpus (webdataset tars) and its manifest, reused when already there."""
+def make_corpus(out: Path, num_samples: int, shard_size: int, heldout_fraction: float = 0.0,
+                image_size: int = 64) -> dict[str, Any]:
+    """A shapes corpus (webdataset tars, ``image_size`` px PNGs) and its manifest, reused when
+    already there."""
     from tokenflow import storage
     from tokenflow.config import CorpusConfig, ShapesCorpusConfig
     from tokenflow.stages.corpus import build_corpus
@@ -88,7 +90,7 @@ def make_corpus(out: Path, num_samples: int, shard_size: int, heldout_fraction: 
     if manifest_path.exists():
         return storage.read_json(str(manifest_path))
     shapes = ShapesCorpusConfig(num_samples=num_samples, shard_size=shard_size, seed=0,
-                                heldout_fraction=heldout_fraction, image_size=64)
+                                heldout_fraction=heldout_fraction, image_size=image_size)
     return build_corpus(CorpusConfig(shapes=shapes), str(out))
 
 

@@ -19,8 +19,9 @@ import pytest
 
 from tokenflow import storage
 from tokenflow.config import PretokenizeConfig, SampleLimitsConfig
-from tokenflow.data.manifest import corpus_manifest, index_shard
+from tokenflow.data.manifest import corpus_manifest, index_shard, shard_records
 from tokenflow.data.quarantine import QuarantineCeilingExceeded
+from tokenflow.data.shard_encoder import ShardEncoder
 from tokenflow.data.shapes import write_shapes_corpus
 from tokenflow.data.token_shards import iter_token_samples, read_table
 from tokenflow.data.verify import verify_token_shards
@@ -136,6 +137,20 @@ def test_tokens_do_not_depend_on_batch_size(ray_local, mixed_corpus, tiny_tokeni
         out = tmp_path / f"bs{batch_size}"
         pretokenize_corpus(mixed_corpus, str(tiny_tokenizer_path), str(out),
                            PretokenizeConfig(batch_size=batch_size, micro_batch=4), limits=BROKEN_ON_PURPOSE)
+        trees.append(_file_tree(out))
+    assert trees[0] == trees[1]
+
+
+def test_decoding_threads_keep_every_row_in_order(mixed_corpus, tiny_tokenizer_path, tmp_path):
+    """Shards decoded by 3 threads, overlapped with encoding, give the bytes of 1 thread's."""
+    trees = []
+    for threads in (1, 3):
+        out = tmp_path / f"threads{threads}"
+        encoder = ShardEncoder(str(tiny_tokenizer_path), str(out), batch_size=3, micro_batch=4,
+                               limits=BROKEN_ON_PURPOSE, decode_threads=threads)
+        for split in mixed_corpus["splits"]:
+            for record in shard_records(mixed_corpus, split):
+                encoder.encode_shard(record, split)
         trees.append(_file_tree(out))
     assert trees[0] == trees[1]
 

@@ -2,7 +2,9 @@
 
 A tower is built either from pretrained weights (a local path, an open_clip tag or a hub id:
 the cluster path) or randomly initialised from its architecture config (tests, smoke). Nothing
-is downloaded unless the configured source asks for it.
+is downloaded unless the configured source asks for it. A tower whose weights are loaded right
+after (``structure_only``) is, when it is open_clip's plain ViT, built without importing open_clip
+(:mod:`tokenflow.models.clip_vision`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from tokenflow.config import ConfigError, SemanticEncoderConfig
+from tokenflow.models.clip_vision import PlainViT, build_plain_vit, open_clip_model_config
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +31,18 @@ class SemanticTower(nn.Module):
 
     ``architecture`` holds the resolved architecture fields: set as ``overrides`` with
     ``pretrained: null`` they rebuild the same tower without its pretrained source.
+    ``structure_only``: every weight is loaded right after, so the tower need not be initialised;
+    open_clip's plain ViT is then built without importing open_clip.
     """
 
-    def __init__(self, cfg: SemanticEncoderConfig, image_size: int):
+    def __init__(self, cfg: SemanticEncoderConfig, image_size: int, structure_only: bool = False):
         super().__init__()
         self.cfg = cfg
         self.image_size = image_size
         self.grid = image_size // cfg.patch_size
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
-        build = _build_open_clip if cfg.backend == "open_clip" else _build_transformers
-        self.backbone, self.token_dim, self.target_dim, self.architecture = build(cfg, image_size)
+        self.backbone, self.token_dim, self.target_dim, self.architecture = _build(cfg, image_size, structure_only)
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
@@ -66,6 +70,8 @@ class SemanticTower(nn.Module):
 
 
 def _open_clip_tokens(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(visual, PlainViT):
+        return visual(x)
     trunk = getattr(visual, "trunk", None)
     if trunk is not None:  # timm towers (e.g. ViTamin)
         return trunk.forward_features(x)
@@ -89,15 +95,31 @@ def _root_logging_at(level: int) -> Iterator[None]:
         root.setLevel(previous)
 
 
+def _build(cfg: SemanticEncoderConfig, image_size: int, structure_only: bool) -> _Built:
+    if cfg.backend == "transformers":
+        return _build_transformers(cfg, image_size)
+    if structure_only and cfg.pretrained is None and (base := open_clip_model_config(cfg.arch)) is not None:
+        vision_cfg = _open_clip_vision_cfg(cfg, base, image_size)
+        if (built := build_plain_vit(base, vision_cfg)) is not None:
+            return *built, vision_cfg
+    return _build_open_clip(cfg, image_size)
+
+
+def _open_clip_vision_cfg(cfg: SemanticEncoderConfig, base: dict[str, Any], image_size: int) -> dict[str, Any]:
+    """The open_clip ``vision_cfg`` of this tower: the named model's, with ``cfg``'s overrides."""
+    vision_cfg = {**base["vision_cfg"], **cfg.overrides, "image_size": image_size}
+    if cfg.pretrained is None and "timm_model_name" not in vision_cfg:
+        vision_cfg["patch_size"] = cfg.patch_size
+    return vision_cfg
+
+
 def _build_open_clip(cfg: SemanticEncoderConfig, image_size: int) -> _Built:
     import open_clip
 
     base = open_clip.get_model_config(cfg.arch)
     if base is None:
         raise ConfigError(f"semantic_encoder.arch: open_clip has no model named {cfg.arch!r}")
-    vision_cfg = {**base["vision_cfg"], **cfg.overrides, "image_size": image_size}
-    if cfg.pretrained is None and "timm_model_name" not in vision_cfg:
-        vision_cfg["patch_size"] = cfg.patch_size
+    vision_cfg = _open_clip_vision_cfg(cfg, base, image_size)
     kwargs: dict[str, Any] = {"force_image_size": image_size, "vision_cfg": vision_cfg}
     if cfg.pretrained is None:
         kwargs["text_cfg"] = _MINIMAL_TEXT_CFG

@@ -33,13 +33,14 @@ class TokenFlowTokenizer(nn.Module):
     """Images in [0, 1] -> one index per position and scale, and back.
 
     ``with_teacher=False`` builds the inference-only model (no frozen distillation teacher).
+    ``structure_only=True`` when every weight is loaded right after (see :class:`SemanticTower`).
     """
 
-    def __init__(self, cfg: TokenizerConfig, with_teacher: bool = True):
+    def __init__(self, cfg: TokenizerConfig, with_teacher: bool = True, structure_only: bool = False):
         super().__init__()
         self.cfg = cfg
         q = cfg.quantizer
-        self.semantic_encoder = SemanticTower(cfg.semantic_encoder, cfg.image_size)
+        self.semantic_encoder = SemanticTower(cfg.semantic_encoder, cfg.image_size, structure_only)
         self.semantic_proj = semantic_projection(self.semantic_encoder.token_dim, q.semantic_dim)
         self.teacher: SemanticTower | None = None
         if with_teacher:

@@ -149,7 +149,7 @@ def load_tokenizer(path: str | Path, map_location: str | torch.device = "cpu",
         cfg = cfg.at_view(view)
     state = load_file(str(path), device=str(map_location))
     with_teacher = any(k.startswith(_TEACHER_PREFIX) for k in state)
-    model = TokenFlowTokenizer(cfg, with_teacher=with_teacher)
+    model = TokenFlowTokenizer(cfg, with_teacher=with_teacher, structure_only=True)
     if view is not None:
         expected = model.state_dict()
         state = {k: resize_grid_embedding(v, expected[k].shape[-2])

@@ -166,9 +166,12 @@ def _encode_attempt(items: list[dict[str, Any]], tokenizer_url: str, out_url: st
         fn_constructor_kwargs=dict(
             tokenizer_url=tokenizer_url, out_url=out_url, batch_size=cfg.batch_size,
             micro_batch=cfg.micro_batch, limits=limits,
-            compression=cfg.compression, allow_tf32=cfg.allow_tf32, use_gpu=gpus > 0, view=view),
+            compression=cfg.compression, allow_tf32=cfg.allow_tf32, use_gpu=gpus > 0, view=view,
+            decode_threads=max(1, int(cfg.cpus_per_actor))),
         batch_size=1,
-        concurrency=cfg.num_actors,
+        # One shard queued per actor: a shard is long work, and a second one queued at an actor
+        # (Ray Data's default) can wait there while another actor has none.
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors, max_tasks_in_flight_per_actor=1),
         num_cpus=cfg.cpus_per_actor,
         num_gpus=gpus,
         scheduling_strategy="SPREAD",
