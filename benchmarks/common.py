@@ -169,11 +169,12 @@ class CpuSampler:
             before = [cpu for when, cpu in self.series[key] if when <= t]
             return before[-1] if before else 0.0 if key[1] >= start else self.series[key][0][1]
 
-        def counted(key: tuple[int, float]) -> bool:
-            return key != self._SELF and label_has in self.labels[key] and pid in (None, key[0])
+        def counted(key: tuple[int, float]) -> bool:  # a process gone before its command line was read has none
+            return key != self._SELF and label_has in self.labels.get(key, "") and pid in (None, key[0])
 
-        used = sum(at(k, end) - at(k, start) for k in self.series if counted(k))
-        if any(counted(k) and k[0] == os.getpid() for k in self.series):  # the sampler runs in this process
+        keys = list(self.series)  # the sampling thread adds processes meanwhile
+        used = sum(at(k, end) - at(k, start) for k in keys if counted(k))
+        if any(counted(k) and k[0] == os.getpid() for k in keys):  # the sampler runs in this process
             used -= at(self._SELF, end) - at(self._SELF, start)
         return used
 
