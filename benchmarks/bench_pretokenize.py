@@ -1,6 +1,6 @@
 """Pre-tokenize throughput: bare encode ceiling vs the Ray Data stage vs a per-image .npy loop.
 
-    python -m benchmarks.bench_pretokenize [--quick] [--images 3000] [--b-images 64] [--work-dir DIR]
+    python -m benchmarks.bench_pretokenize [--quick [--with-b]] [--images 3000] [--b-images 64] [--work-dir DIR]
 
 One shapes corpus (webdataset tars, 64 px PNGs) and one tiny tokenizer (randomly initialised,
 seed 0), three ways, on the same 2-CPU budget:
@@ -25,7 +25,11 @@ Then the case where encoding dominates, as on a cluster: a TokenFlow-B-shaped to
 architecture of configs/models/tokenflow-b.yaml with its pretrained tower source cleared,
 randomly initialised, seed 0; 561 tokens/image, K=32768) on 224 px shapes images in shards of 16,
 micro-batch 8, (a) and (b) once each on the same 2-CPU budget; ``B_b/a`` is (b)'s end-to-end
-throughput over (a)'s. ``--quick`` measures each once, on small inputs.
+throughput over (a)'s.
+
+``--quick`` measures each once, on small inputs, and skips the B-shaped case (building and
+running it dominates a quick run; the ratio line then has no ``B_b/a``, ``B_b/a_cpu``);
+``--with-b`` keeps it in a quick run (8 images, micro-batch 4). A full run always has it.
 """
 
 from __future__ import annotations
@@ -197,7 +201,10 @@ def main() -> None:
     p.add_argument("--images", type=int, default=3000)
     p.add_argument("--shard-size", type=int, default=250)
     p.add_argument("--b-images", type=int, default=64, help="images of the TokenFlow-B-shaped case (224 px)")
+    p.add_argument("--with-b", action="store_true",
+                   help="with --quick: run the TokenFlow-B-shaped case too (a full run always does)")
     args = p.parse_args()
+    with_b = args.with_b or not args.quick
     if args.quick:
         args.images, args.shard_size, args.b_images = 64, 16, 8
     header("Pre-tokenize throughput")
@@ -248,12 +255,15 @@ def main() -> None:
             return seconds, cpu
 
         b_work = work / "b-shaped"
-        big = _Case(make_corpus(b_work / "corpus", args.b_images, b_shard, image_size=224),
-                    str(pool.submit(make_b_tokenizer, b_work / "tokenizer.safetensors").result()), b_cfg)
-        print(f"B-shaped case: {big.images} shapes images (224 px PNG) in {len(big.urls)} webdataset shards; "
-              f"tokenizer: {B_CONFIG.relative_to(REPO)} with semantic_encoder.pretrained cleared, randomly "
-              f"initialised (seed 0), 561 tokens/image, K=32768; stage: batch_size {b_cfg.batch_size}, micro_batch "
-              f"{b_cfg.micro_batch}, {b_cfg.num_actors} actors x {b_cfg.cpus_per_actor:g} CPU\n")
+        if with_b:
+            big = _Case(make_corpus(b_work / "corpus", args.b_images, b_shard, image_size=224),
+                        str(pool.submit(make_b_tokenizer, b_work / "tokenizer.safetensors").result()), b_cfg)
+            print(f"B-shaped case: {big.images} shapes images (224 px PNG) in {len(big.urls)} webdataset shards; "
+                  f"tokenizer: {B_CONFIG.relative_to(REPO)} with semantic_encoder.pretrained cleared, randomly "
+                  f"initialised (seed 0), 561 tokens/image, K=32768; stage: batch_size {b_cfg.batch_size}, "
+                  f"micro_batch {b_cfg.micro_batch}, {b_cfg.num_actors} actors x {b_cfg.cpus_per_actor:g} CPU\n")
+        else:
+            print("B-shaped case: skipped (--quick without --with-b); the ratio line has no B_b/a, B_b/a_cpu\n")
 
         first = encode_only(tiny)
         a_runs.append(first[:2])
@@ -264,9 +274,10 @@ def main() -> None:
             fixed = stage("run 1 again: every shard skipped (fixed cost)", tiny, work / "tokens", 0)
             if not args.quick:
                 b_runs.append(stage("end to end, run 2", tiny, work / "tokens-2", n))
-            b_a, b_a_cpu, b_a_tokens = encode_only(big, "B-shaped ")  # Ray up and idle
-            b_b, b_b_cpu = stage("B-shaped, end to end", big, b_work / "tokens", big.images)
-            stage("B-shaped, run again: every shard skipped (fixed cost)", big, b_work / "tokens", 0)
+            if with_b:
+                b_a, b_a_cpu, b_a_tokens = encode_only(big, "B-shaped ")  # Ray up and idle
+                b_b, b_b_cpu = stage("B-shaped, end to end", big, b_work / "tokens", big.images)
+                stage("B-shaped, run again: every shard skipped (fixed cost)", big, b_work / "tokens", 0)
         if not args.quick:
             a_runs.append(encode_only(tiny)[:2])
         (work / "npy").mkdir()
@@ -284,11 +295,14 @@ def main() -> None:
         stage_tokens = _stage_tokens(work / "tokens")
         same_a = len(a_tokens) == n and all(np.array_equal(stage_tokens[k], t) for k, t in a_tokens.items())
         agree_c = np.mean([np.mean(np.load(work / "npy" / f"{k}.npy")[0] == t) for k, t in stage_tokens.items()])
-        b_stage_tokens = _stage_tokens(b_work / "tokens")
-        same_b = len(b_a_tokens) == big.images and all(np.array_equal(b_stage_tokens[k], t)
-                                                       for k, t in b_a_tokens.items())
+        check_b = ""
+        if with_b:
+            b_stage_tokens = _stage_tokens(b_work / "tokens")
+            same_b = len(b_a_tokens) == big.images and all(np.array_equal(b_stage_tokens[k], t)
+                                                           for k, t in b_a_tokens.items())
+            check_b = f"; B-shaped stage tokens == B-shaped (a) tokens: {same_b}"
         print(f"check: stage tokens == (a) tokens: {same_a}; (c) batch-1 tokens equal to the stage's: "
-              f"{100 * agree_c:.2f}%; B-shaped stage tokens == B-shaped (a) tokens: {same_b}\n")
+              f"{100 * agree_c:.2f}%{check_b}\n")
 
         shards = urls[: min(2, len(urls))]
         print(f"Where one actor's time goes: the stage's per-image work in one process, 1 thread, "
@@ -305,8 +319,9 @@ def main() -> None:
             steady, steady_cpu = n / (b_seconds - fixed[0]), (b_cpu - fixed[1]) / n
             ratios.update({"b_steady/a": steady / a, "b_steady/c": steady / c, "b_steady/a_cpu": a_cpu / steady_cpu,
                            "b_steady/c_cpu": c_cpu / steady_cpu})
-        ratios.update({"b_fixed_s": fixed[0], "B_b/a": big.images / b_b / b_a,
-                       "B_b/a_cpu": b_a_cpu * big.images / b_b_cpu})
+        ratios["b_fixed_s"] = fixed[0]
+        if with_b:
+            ratios.update({"B_b/a": big.images / b_b / b_a, "B_b/a_cpu": b_a_cpu * big.images / b_b_cpu})
         ratio_line(ratios)
 
 

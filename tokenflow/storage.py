@@ -122,6 +122,21 @@ def read_bytes(url: str) -> bytes:
         return f.read()
 
 
+def read_text_bounded(url: str, max_bytes: int, what: str) -> str:
+    """The UTF-8 text (a leading BOM dropped) of the file at ``url``, checked before it is read:
+    ``FileNotFoundError`` when it is not a file, ``ValueError`` when it has more than
+    ``max_bytes`` bytes or is not UTF-8. ``what`` names the file in the messages."""
+    fs, path = filesystem(url)
+    if not fs.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {url}")
+    if (size := fs.size(path)) > max_bytes:
+        raise ValueError(f"{url}: {size} bytes exceed the {max_bytes} a {what} may have")
+    try:
+        return read_bytes(url).decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{url}: not UTF-8 text ({exc})") from None
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write ``data`` so readers see either nothing or the whole file.
 

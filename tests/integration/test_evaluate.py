@@ -5,27 +5,17 @@ from __future__ import annotations
 import json
 
 import mlflow
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 from PIL import Image
 
-from tokenflow.config import ConfigError, LanguageModelConfig, load_config
+from tokenflow.config import ConfigError, load_config
 from tokenflow.data.corpus import iter_shard
-from tokenflow.data.manifest import corpus_manifest, index_shard
-from tokenflow.data.shapes import write_shapes_corpus
 from tokenflow.eval import runners
 from tokenflow.eval.dpg import load_dpg, score_dpg, split_grid
-from tokenflow.models.generator import NextScaleGenerator
-from tokenflow.models.language_model import build_language_model
-from tokenflow.models.llm_weights import TEXT_TOKENIZER_DIR, WEIGHTS_NAME, generator_meta, save_llm, save_text_tokenizer
-from tokenflow.models.quantizer import CodebookFeatures
-from tokenflow.models.text import IMAGE_END, IMAGE_START, chat_answer, chat_prompt, train_bpe
 from tokenflow.models.tokenizer import TokenFlowTokenizer
-from tokenflow.models.understanding import UnderstandingModel
-from tokenflow.models.weights import load_tokenizer, save_tokenizer
+from tokenflow.models.weights import save_tokenizer
 from tokenflow.seeding import seed_for
 from tokenflow.stages.eval_dpg import run_eval_dpg
 from tokenflow.stages.eval_generation import run_eval_generation
@@ -34,75 +24,10 @@ from tokenflow.stages.eval_reconstruction import run_eval_reconstruction
 from tokenflow.stages.eval_understanding import run_eval_understanding
 
 from tests.conftest import MODEL_CONFIGS
-from tests.integration.test_train_llm import TINY_LM
+from tests.integration.conftest import eval_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small models on shared CPUs: one intra-op thread is many times faster than a spinning pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A shapes corpus whose held-out split also holds a Parquet shard with one undecodable image
-    and one sample without an image."""
-    root = tmp_path_factory.mktemp("eval-corpus")
-    splits = write_shapes_corpus(str(root / "shapes"), num_samples=60, shard_size=30, seed=0, heldout_fraction=0.5)
-    broken = root / "broken.parquet"
-    pq.write_table(pa.table({"key": ["garbage", "no-image"], "image": [b"not an image", None],
-                             "caption": ["x", "y"]}), broken)
-    return corpus_manifest({"train": [index_shard(u) for u in splits["train"]],
-                            "heldout": [index_shard(u) for u in [*splits["heldout"], str(broken)]]},
-                           {"kind": "shapes"})
-
-
-def _export(model, lm, meta: dict, out, tok) -> str:
-    """Write an untrained model as the LLM stages export it (weights + metadata, text tokenizer)."""
-    save_llm({k: v.clone() for k, v in model.state_dict().items()}, {**meta, "lm_config": lm.config.to_dict(), "attn_implementation": "sdpa"},
-             str(out / WEIGHTS_NAME))
-    save_text_tokenizer(tok, str(out / TEXT_TOKENIZER_DIR))
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory, corpus, tiny_tokenizer_path):
-    """Untrained (seeded) generator and understanding exports reading the tiny tokenizer's codes."""
-    texts = []
-    for record in corpus["splits"]["train"]["shards"]:
-        for sample in iter_shard(record["url"]):
-            texts.append(sample.caption)
-            texts += [chat_prompt(q["question"]) + chat_answer(q["answer"])
-                      for q in json.loads(sample.json)["questions"]]
-    tok = train_bpe(texts, 400)
-    codebook = CodebookFeatures.from_quantizer(load_tokenizer(tiny_tokenizer_path).quantizer)
-    scales = list(codebook.scales)
-    lm_cfg = LanguageModelConfig(architecture=yaml.safe_load(TINY_LM))
-    root = tmp_path_factory.mktemp("exports")
-    torch.manual_seed(0)
-    lm = build_language_model(lm_cfg, len(tok))
-    start, end = tok.convert_tokens_to_ids(IMAGE_START), tok.convert_tokens_to_ids(IMAGE_END)
-    model = NextScaleGenerator(lm, codebook, start, end, qk_norm=True)
-    generator = _export(model, lm, generator_meta(model, "sdpa"), root / "generator", tok)
-    lm = build_language_model(lm_cfg, len(tok))
-    understanding = _export(UnderstandingModel(lm, codebook, tok.bos_token_id), lm,
-                            {"kind": "understanding", "scales": scales, "bos_id": tok.bos_token_id},
-                            root / "understanding", tok)
-    return generator, understanding
-
-
-def _config(out, *extra: str):
-    lm = f"language_model.architecture={TINY_LM}"
-    return load_config(MODEL_CONFIGS / "tokenflow-tiny.yaml", [
-        f"train_generator.{lm}", f"train_understanding.{lm}", "train_understanding.max_new_tokens=2",
-        "train_generator.sampling={cfg_scale: 2.0, top_k: [20, 1], top_p: [0.8, 0.0]}",
-        "eval.reconstruction.batch_size=8", "eval.generation.shapes_per_tag=2", "eval.generation.images_per_prompt=2",
-        "eval.understanding.shapes_per_subtask=2", "eval.understanding.batch_size=4",
-        "eval.pope.shapes_images=3", "eval.pope.batch_size=8", "eval.dpg.shapes_prompts=3", "eval.dpg.batch_size=8",
-        f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}", *extra])
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the fixtures are in conftest.py
 
 
 def _finished_run(out, manifest: dict, stage: str):
@@ -123,7 +48,7 @@ def _finished_run(out, manifest: dict, stage: str):
 
 def test_eval_reconstruction(corpus, tiny_tokenizer_path, tmp_path):
     out = tmp_path / "recon"
-    manifest = run_eval_reconstruction(_config(out), corpus, str(tiny_tokenizer_path), str(out))
+    manifest = run_eval_reconstruction(eval_config(out), corpus, str(tiny_tokenizer_path), str(out))
     client, run = _finished_run(out, manifest, "eval_reconstruction")
     heldout = corpus["splits"]["heldout"]["samples"]
     m = manifest["metrics"]
@@ -155,13 +80,13 @@ def test_an_evaluation_that_fails_as_a_whole_is_not_recorded(corpus, exports, ti
     monkeypatch.setattr(runners, "sample_prompt_images", broken)
     out = tmp_path / "gen"
     with pytest.raises(runners.EvaluationError, match="CUDA out of memory"):
-        run_eval_generation(_config(out), corpus, exports[0], str(tiny_tokenizer_path), str(out))
+        run_eval_generation(eval_config(out), corpus, exports[0], str(tiny_tokenizer_path), str(out))
     assert not (out / "_MANIFEST.json").exists()
     mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert [r.info.status for r in runs] == ["FAILED"]
     monkeypatch.setattr(runners, "sample_prompt_images", real)
-    manifest = run_eval_generation(_config(out), corpus, exports[0], str(tiny_tokenizer_path), str(out))
+    manifest = run_eval_generation(eval_config(out), corpus, exports[0], str(tiny_tokenizer_path), str(out))
     assert manifest["metrics"]["failed_generations"] == 0
 
 
@@ -169,7 +94,7 @@ def test_eval_generation_scores_a_failed_generation_as_zero(corpus, exports, tin
                                                             monkeypatch):
     """Prompts are sampled in batches; a batch that raises is retried prompt by prompt and only
     the prompt that fails alone (the trained model's second) scores 0."""
-    cfg = _config(tmp_path / "gen", "eval.generation.batch_size=4")  # 2 prompts x 2 images per batch
+    cfg = eval_config(tmp_path / "gen", "eval.generation.batch_size=4")  # 2 prompts x 2 images per batch
     calls: list[list[int]] = []
     trained: list = []  # the first model sampled is the trained one
     real = runners.sample_prompt_images
@@ -224,7 +149,7 @@ def test_eval_dpg_on_the_shapes_set(corpus, exports, tiny_tokenizer_path, tmp_pa
     """Each prompt's four images as one 2x2 grid ``images/<item_id>.png`` (the official layout),
     every question asked of every tile; the metrics are the table's answers scored again."""
     out = tmp_path / "dpg"
-    manifest = run_eval_dpg(_config(out), corpus, exports[0], str(tiny_tokenizer_path), str(out))
+    manifest = run_eval_dpg(eval_config(out), corpus, exports[0], str(tiny_tokenizer_path), str(out))
     client, run = _finished_run(out, manifest, "eval_dpg")
     items = load_dpg(str(out / "dpg"))
     assert len(items) == 3 and manifest["questions"] == "dpg" and manifest["upstream_bugs"] is False
@@ -254,7 +179,7 @@ def test_eval_dpg_on_the_shapes_set(corpus, exports, tiny_tokenizer_path, tmp_pa
 
 def test_eval_understanding(corpus, exports, tiny_tokenizer_path, tmp_path):
     out = tmp_path / "und"
-    manifest = run_eval_understanding(_config(out), corpus, exports[1], str(tiny_tokenizer_path), str(out))
+    manifest = run_eval_understanding(eval_config(out), corpus, exports[1], str(tiny_tokenizer_path), str(out))
     client, run = _finished_run(out, manifest, "eval_understanding")
     table = pq.read_table(out / "results.parquet").to_pylist()
     subtasks = {r["subtask"] for r in table}
@@ -272,7 +197,7 @@ def test_eval_understanding(corpus, exports, tiny_tokenizer_path, tmp_path):
 
 def test_eval_pope_on_the_shapes_set(corpus, exports, tiny_tokenizer_path, tmp_path):
     out = tmp_path / "pope"
-    manifest = run_eval_pope(_config(out), corpus, exports[1], str(tiny_tokenizer_path), str(out))
+    manifest = run_eval_pope(eval_config(out), corpus, exports[1], str(tiny_tokenizer_path), str(out))
     client, run = _finished_run(out, manifest, "eval_pope")
     assert sorted(p.name for p in (out / "pope").glob("*.json")) == [
         "shapes_pope_adversarial.json", "shapes_pope_popular.json", "shapes_pope_random.json"]
@@ -313,7 +238,7 @@ def test_eval_pope_on_release_files_scores_an_undecodable_image_wrong(corpus, ex
                                                      ("bad.jpg", "no")])]
         (root / f"coco_pope_{split}.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = tmp_path / "out"
-    cfg = _config(out, "eval.pope.benchmark=pope", f"eval.pope.root_url={root}", f"eval.pope.image_root_url={images}")
+    cfg = eval_config(out, "eval.pope.benchmark=pope", f"eval.pope.root_url={root}", f"eval.pope.image_root_url={images}")
     manifest = run_eval_pope(cfg, corpus, exports[1], str(tiny_tokenizer_path), str(out))
     _finished_run(out, manifest, "eval_pope")
     table = pq.read_table(out / "results.parquet").to_pylist()
@@ -329,7 +254,7 @@ def test_eval_refuses_models_of_another_tokenizer_and_missing_sections(corpus, e
     torch.manual_seed(1)
     other = tmp_path / "other.safetensors"
     save_tokenizer(TokenFlowTokenizer(tiny_config, with_teacher=False), other)
-    cfg = _config(tmp_path)
+    cfg = eval_config(tmp_path)
     with pytest.raises(ValueError, match="another tokenizer"):
         run_eval_generation(cfg, corpus, exports[0], str(other), str(tmp_path / "g"))
     with pytest.raises(ValueError, match="another tokenizer"):

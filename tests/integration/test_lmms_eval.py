@@ -30,7 +30,9 @@ from tokenflow.models.understanding import IGNORE, ChatBatch  # noqa: E402
 from tokenflow.models.weights import load_tokenizer  # noqa: E402
 from tokenflow.stages.eval_understanding_lmms import run_eval_understanding_lmms  # noqa: E402
 
-from tests.integration.test_evaluate import _config, corpus, exports, one_torch_thread  # noqa: E402,F401
+from tests.integration.conftest import eval_config  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # corpus, exports: conftest.py
 
 TASKS = ("tiny_yesno", "tiny_mc", "tiny_rounds")
 COMMON = """\
@@ -202,7 +204,7 @@ def test_offline_is_switched_on_for_the_block_only():
 
 def test_the_stage_logs_every_metric_against_an_untrained_model(exports, tiny_tokenizer_path, task_folder, tmp_path):
     out = tmp_path / "lmms"
-    cfg = _config(out, "eval.lmms.tasks=[tiny_yesno, tiny_mc]", f"eval.lmms.include_path={task_folder}",
+    cfg = eval_config(out, "eval.lmms.tasks=[tiny_yesno, tiny_mc]", f"eval.lmms.include_path={task_folder}",
                   "eval.lmms.batch_size=2", "eval.lmms.limit=3")
     manifest = run_eval_understanding_lmms(cfg, exports[1], str(tiny_tokenizer_path), str(out))
     assert json.loads((out / "_MANIFEST.json").read_text()) == manifest

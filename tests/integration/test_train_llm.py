@@ -16,11 +16,8 @@ from tokenflow.stages.train_generator import run_train_generator
 from tokenflow.stages.train_understanding import run_train_understanding
 
 from tests.conftest import MODEL_CONFIGS
-from tests.integration.conftest import ProcessKiller, worker_killer
+from tests.integration.conftest import TINY_LM, ProcessKiller, worker_killer
 
-TINY_LM = ("{model_type: qwen3, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
-           "num_key_value_heads: 1, head_dim: 16, intermediate_size: 64, max_position_embeddings: 256, "
-           "tie_word_embeddings: true}")
 COMMON = ["micro_batch_size=4", "num_workers=2", "cpus_per_worker=1", "log_every=1", "lr=0.001",
           f"language_model.architecture={TINY_LM}", "language_model.bpe_vocab_size=400"]
 

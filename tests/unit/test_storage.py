@@ -53,3 +53,15 @@ def test_safe_names_keep_clean_keys_and_never_collide():
     assert storage.safe_name("shapes-000123_a.b") == "shapes-000123_a.b"
     keys = ["a/b", "a_b", "a\\b", "a b", "k" * 1000, "k" * 999 + "j"]
     assert len({storage.safe_name(k) for k in keys}) == len(keys)
+
+
+def test_read_text_bounded_checks_existence_size_and_encoding_before_returning_text():
+    storage.write_bytes_atomic("memory://rt/ok.txt", "\ufeffhello\n".encode())
+    assert storage.read_text_bounded("memory://rt/ok.txt", 64, "test file") == "hello\n"  # BOM dropped
+    with pytest.raises(FileNotFoundError, match="test file not found: memory://rt/none.txt"):
+        storage.read_text_bounded("memory://rt/none.txt", 64, "test file")
+    with pytest.raises(ValueError, match="9 bytes exceed the 8 a test file may have"):
+        storage.read_text_bounded("memory://rt/ok.txt", 8, "test file")
+    storage.write_bytes_atomic("memory://rt/bad.txt", b"\xff\xfe\x00garbage")
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        storage.read_text_bounded("memory://rt/bad.txt", 64, "test file")

@@ -97,18 +97,6 @@ def prompt_url(root_url: str, item_id: str) -> str:
     return storage.join(root_url, PROMPTS_DIR, f"{item_id}.txt")
 
 
-def _read_text(url: str, max_bytes: int, what: str) -> str:
-    fs, path = storage.filesystem(url)
-    if not fs.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {url}")
-    if (size := fs.size(path)) > max_bytes:
-        raise ValueError(f"{url}: {size} bytes exceed the {max_bytes} a {what} may have")
-    try:
-        return storage.read_bytes(url).decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{url}: not UTF-8 text ({exc})") from None
-
-
 def _int(text: str, low: int) -> int:
     value = int(text.strip())  # ValueError for anything but an integer
     if value < low:
@@ -148,7 +136,8 @@ def _question(row: Mapping[str, str | None]) -> tuple[str, DPGQuestion]:
 
 def _questions(csv_url: str) -> dict[str, list[DPGQuestion]]:
     """Item id -> its questions, items and questions in file order, every parent checked."""
-    reader = csv.DictReader(io.StringIO(_read_text(csv_url, MAX_CSV_BYTES, "DPG-Bench question file"), newline=""))
+    text = storage.read_text_bounded(csv_url, MAX_CSV_BYTES, "DPG-Bench question file")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or ())]
     if missing:
         raise ValueError(f"{csv_url}: the header lacks {', '.join(missing)} "
@@ -192,7 +181,7 @@ def load_dpg(root_url: str) -> list[DPGItem]:
     items = []
     for item_id, questions in _questions(storage.join(root_url, CSV_NAME)).items():
         url = prompt_url(root_url, item_id)
-        prompt = _read_text(url, MAX_PROMPT_BYTES, "DPG-Bench prompt file").strip()
+        prompt = storage.read_text_bounded(url, MAX_PROMPT_BYTES, "DPG-Bench prompt file").strip()
         if not prompt:
             raise ValueError(f"{url}: empty prompt")
         items.append(DPGItem(item_id, prompt, tuple(questions)))

@@ -61,15 +61,7 @@ class POPEQuestion:
 
 def _objects(url: str, limits: SampleLimitsConfig) -> Iterator[tuple[str, Any]]:
     """(where, parsed value) of every question object of one file: ``line N`` or ``entry N``."""
-    fs, path = storage.filesystem(url)
-    if not fs.isfile(path):
-        raise FileNotFoundError(f"POPE file not found: {url}")
-    if (size := fs.size(path)) > MAX_FILE_BYTES:
-        raise ValueError(f"{url}: {size} bytes exceed the {MAX_FILE_BYTES} a POPE file may have")
-    try:
-        text = storage.read_bytes(url).decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{url}: not UTF-8 text ({exc})") from None
+    text = storage.read_text_bounded(url, MAX_FILE_BYTES, "POPE file")
     if text.lstrip().startswith("["):
         whole = limits.model_copy(update={"max_json_bytes": MAX_FILE_BYTES})
         try:

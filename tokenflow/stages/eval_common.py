@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from tokenflow import storage
 from tokenflow.config import TokenFlowConfig, TokenizerView
-from tokenflow.data.corpus import RawSample, iter_shard
+from tokenflow.data.corpus import RawSample, iter_record
 from tokenflow.data.manifest import shard_records
-from tokenflow.eval.runners import check_codebook, untrained_like
+from tokenflow.eval.runners import Question, answer_questions, check_codebook, encode_images, untrained_like
 from tokenflow.models.tokenizer import TokenFlowTokenizer
+from tokenflow.models.understanding import UnderstandingModel
 from tokenflow.models.weights import file_sha256, load_tokenizer
 from tokenflow.stages.stage_run import StageRun
 from tokenflow.viz import save_image_grid
@@ -60,6 +62,28 @@ def model_under_test(cfg: TokenFlowConfig, tokenizer_url: str, model_dir: str, l
     return device, tokenizer, tokenizer_digest, model, tok, untrained_like(model, cfg.eval.seed)
 
 
+class Answers(NamedTuple):
+    """A question set answered by the trained model and by its baseline, replies in question order."""
+
+    tokens: dict[str, torch.Tensor]  # image URL -> its tokens (CPU), for the images that decoded
+    failed: dict[str, str]  # image URL -> why it could not be decoded
+    replies: list
+    baseline_replies: list
+
+
+def answer_with_baseline(cfg: TokenFlowConfig, tokenizer: TokenFlowTokenizer, model: UnderstandingModel,
+                         baseline: UnderstandingModel, tok: PreTrainedTokenizerBase, questions: Sequence[Question],
+                         batch_size: int, answer: Callable[..., list] = answer_questions) -> Answers:
+    """Tokenize the questions' images once, then answer every question with the trained model and
+    with the untrained baseline: ``answer(model, tok, questions, tokens, batch_size, max_new_tokens,
+    max_text_tokens)`` (:func:`~tokenflow.eval.runners.answer_questions` by default), with
+    ``train_understanding``'s generation lengths."""
+    t = cfg.train_understanding
+    tokens, failed = encode_images(tokenizer, [q.image for q in questions], batch_size, cfg.limits)
+    args = (questions, tokens, batch_size, t.max_new_tokens, t.language_model.max_text_tokens)
+    return Answers(tokens, failed, answer(model, tok, *args), answer(baseline, tok, *args))
+
+
 def with_baseline(metrics: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
     return {**metrics, **{BASELINE + k: v for k, v in baseline.items()}}
 
@@ -67,7 +91,7 @@ def with_baseline(metrics: dict[str, float], baseline: dict[str, float]) -> dict
 def heldout_samples(corpus_manifest: dict[str, Any]) -> Iterator[tuple[str, RawSample]]:
     """(shard name, sample) for every held-out sample, in manifest order."""
     for record in shard_records(corpus_manifest, "heldout"):
-        for sample in iter_shard(record.url, record.sha256):
+        for sample in iter_record(record):
             yield record.name, sample
 
 

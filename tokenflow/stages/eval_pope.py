@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -16,12 +17,12 @@ from tokenflow import storage
 from tokenflow.config import ConfigError, TokenFlowConfig, config_hash
 from tokenflow.data.manifest import content_digest, file_digest
 from tokenflow.eval.pope import POPEQuestion, answer_to, load_pope, score_pope
-from tokenflow.eval.runners import answer_questions, encode_images, load_image
+from tokenflow.eval.runners import answer_questions, load_image
 from tokenflow.eval.shapes_pope import IMAGES_DIR, SHAPES_FILES, write_shapes_pope
 from tokenflow.models.llm_weights import WEIGHTS_NAME, load_understanding
 from tokenflow.models.understanding import UnderstandingModel
-from tokenflow.stages.eval_common import (finish_evaluation, heldout_samples, log_grid, model_under_test,
-                                          with_baseline, write_results)
+from tokenflow.stages.eval_common import (answer_with_baseline, finish_evaluation, heldout_samples, log_grid,
+                                          model_under_test, with_baseline, write_results)
 from tokenflow.stages.stage_run import RunLink, StageRun
 
 POPE_DIR = "pope"
@@ -44,10 +45,10 @@ class _Prompt:
 
 
 def _replies(model: UnderstandingModel, tok: PreTrainedTokenizerBase, questions: Sequence[POPEQuestion],
-             tokens: Mapping[str, torch.Tensor], suffix: str, batch_size: int, max_new_tokens: int,
-             max_text_tokens: int) -> list[str | None]:
-    """Greedy replies in question order, each distinct prompt asked once; ``None`` where the
-    image has no tokens."""
+             tokens: Mapping[str, torch.Tensor], batch_size: int, max_new_tokens: int, max_text_tokens: int,
+             suffix: str) -> list[str | None]:
+    """Greedy replies in question order, each distinct prompt (``suffix`` appended) asked once;
+    ``None`` where the image has no tokens."""
     prompts = list(dict.fromkeys(_Prompt(q.image, q.question + suffix) for q in questions if q.image in tokens))
     answered = dict(zip(prompts, answer_questions(model, tok, prompts, tokens, batch_size, max_new_tokens,
                                                   max_text_tokens)))
@@ -63,8 +64,8 @@ def run_eval_pope(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any], underst
     """POPE on the ``train_understanding`` export in ``understanding_dir`` (the shapes set from
     the held-out split, or the official release); images are tokenized here with the tokenizer
     export. Returns the stage manifest."""
-    p, t = cfg.eval.pope, cfg.train_understanding
-    if t is None:
+    p = cfg.eval.pope
+    if cfg.train_understanding is None:
         raise ConfigError("eval_pope needs the train_understanding section (prompt length, max_new_tokens)")
     device, tokenizer, tokenizer_digest, model, tok, baseline = model_under_test(
         cfg, tokenizer_url, understanding_dir, load_understanding)
@@ -88,10 +89,8 @@ def run_eval_pope(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any], underst
             f"POPE ({p.benchmark}) of the trained understanding model, against an untrained one.") as run:
         scratch = Path(tmp)
         run.log_dataset("pope_questions", inputs["questions"], root)
-        tokens, failed = encode_images(tokenizer, [q.image for q in questions], p.batch_size, cfg.limits)
-        args = (questions, tokens, p.question_suffix, p.batch_size, t.max_new_tokens,
-                t.language_model.max_text_tokens)
-        replies, base_replies = _replies(model, tok, *args), _replies(baseline, tok, *args)
+        tokens, failed, replies, base_replies = answer_with_baseline(
+            cfg, tokenizer, model, baseline, tok, questions, p.batch_size, partial(_replies, suffix=p.question_suffix))
         rows = []
         for q, a, b in zip(questions, replies, base_replies):
             answer, base_answer = answer_to(q, a), answer_to(q, b)

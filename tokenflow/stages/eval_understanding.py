@@ -14,10 +14,10 @@ from tokenflow import storage
 from tokenflow.config import ConfigError, TokenFlowConfig, config_hash
 from tokenflow.data.manifest import content_digest, file_digest
 from tokenflow.eval.mme import MMEQuestion, load_mme, parse_answer, score_mme
-from tokenflow.eval.runners import answer_questions, encode_images, load_image
+from tokenflow.eval.runners import load_image
 from tokenflow.eval.shapes_mme import write_shapes_mme
 from tokenflow.models.llm_weights import WEIGHTS_NAME, load_understanding
-from tokenflow.stages.eval_common import (finish_evaluation, heldout_samples, log_grid,
+from tokenflow.stages.eval_common import (answer_with_baseline, finish_evaluation, heldout_samples, log_grid,
                                           model_under_test, with_baseline, write_results)
 from tokenflow.stages.stage_run import RunLink, StageRun
 
@@ -53,8 +53,8 @@ def run_eval_understanding(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any]
     """MME on the ``train_understanding`` export in ``understanding_dir`` (the shapes set from
     the held-out split, or the official release); images are tokenized here with the tokenizer
     export. Returns the stage manifest."""
-    u, t = cfg.eval.understanding, cfg.train_understanding
-    if t is None:
+    u = cfg.eval.understanding
+    if cfg.train_understanding is None:
         raise ConfigError("eval_understanding needs the train_understanding section (prompt length, "
                           "max_new_tokens)")
     device, tokenizer, tokenizer_digest, model, tok, baseline = model_under_test(
@@ -77,10 +77,8 @@ def run_eval_understanding(cfg: TokenFlowConfig, corpus_manifest: dict[str, Any]
             f"MME ({u.benchmark}) of the trained understanding model, against an untrained one.") as run:
         scratch = Path(tmp)
         run.log_dataset("mme_questions", inputs["questions"], root)
-        tokens, failed = encode_images(tokenizer, [q.image for q in questions], u.batch_size, cfg.limits)
-        args = (questions, tokens, u.batch_size, t.max_new_tokens, t.language_model.max_text_tokens)
-        replies = answer_questions(model, tok, *args)
-        base_replies = answer_questions(baseline, tok, *args)
+        tokens, failed, replies, base_replies = answer_with_baseline(cfg, tokenizer, model, baseline, tok, questions,
+                                                                     u.batch_size)
         write_results(run, scratch, [{"subtask": q.subtask, "image": q.image, "question": q.question, "answer": q.answer,
                     "error": failed.get(q.image), "reply": a, "correct": parse_answer(a) == q.answer,
                     "baseline_reply": b, "baseline_correct": parse_answer(b) == q.answer}
