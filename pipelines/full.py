@@ -19,7 +19,6 @@ from tokenflow.config import ConfigError, load_config
 from tokenflow.data.corpus import CorpusError
 from tokenflow.logs import configure_logging
 from tokenflow.redaction import redact
-from tokenflow.workflow.pipeline import STAGE_NAMES
 from tokenflow.workflow.runner import PlanError, describe, plan, run_pipeline
 
 
@@ -45,8 +44,9 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--storage", help="root URL of every stage's output (default: $TOKENFLOW_STORAGE or ./outputs)")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--only", choices=STAGE_NAMES, help="run just this stage (its inputs must be complete)")
-    group.add_argument("--from", dest="start", choices=STAGE_NAMES, help="run this stage and everything after it")
+    group.add_argument("--only", metavar="STAGE", help="run just this stage (its inputs must be complete); "
+                       "--dry-run lists the stages")
+    group.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and everything after it")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (stage, hash, cached or not) and exit")
     args = parser.parse_args()
     configure_logging()

@@ -3,23 +3,33 @@
     python pipelines/train_understanding.py --config configs/pipelines/smoke.yaml \\
         --tokens <pretokenize output URL> --tokenizer <tokenizer.safetensors URL> --out <URL>
 
-It reads the token shards (never the images). Run the same command again after an
+With several corpora in train_understanding's data and align_data, pass --tokens CORPUS=URL once
+per corpus. It reads the token shards (never the images). Run the same command again after an
 interruption: it resumes from the latest checkpoint.
 """
 
 from __future__ import annotations
 
 from tokenflow import storage
-from tokenflow.stages.entry import prepare_stage, stage_parser
+from tokenflow.config import TokenFlowConfig
+from tokenflow.stages.entry import mixture_inputs, prepare_stage, stage_parser
 from tokenflow.stages.train_understanding import run_train_understanding
 
 
+def _values_for(cfg: TokenFlowConfig, section: str, values: list[str]) -> list[str]:
+    """The --tokens values of the corpora in ``section``'s mixture (a plain URL: every mixture's)."""
+    corpora = {e.corpus for e in cfg.stage_data(section)}
+    return [v for v in values if "=" not in v or v.split("=", 1)[0] in corpora]
+
+
 def main() -> None:
-    parser = stage_parser(__doc__, input_stage="tokens")
+    parser = stage_parser(__doc__, input_stage="tokens", mixture=True)
     parser.add_argument("--tokenizer", required=True, help="the tokenizer export that made the token shards")
     args = parser.parse_args()
-    cfg, tokens = prepare_stage(args)
-    manifest = run_train_understanding(cfg, tokens, args.input_url, args.tokenizer, args.out)
+    cfg, _ = prepare_stage(args)
+    align, data = (mixture_inputs(cfg, section, _values_for(cfg, section, args.inputs))
+                   for section in ("train_understanding.align", "train_understanding"))
+    manifest = run_train_understanding(cfg, align, data, args.tokenizer, args.out)
     print(f"understanding: {storage.join(args.out, manifest['model']['path'])} sha256 {manifest['model']['sha256']}")
 
 

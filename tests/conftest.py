@@ -20,6 +20,14 @@ _SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "immunohis
                    "hubble_deep_field", "retina", "colorwheel", "logo", "coins", "camera")
 
 
+def one_corpus(manifest: dict, url: str = "", name: str = "shapes") -> list:
+    """A training stage's data when it reads a single corpus (or its token shards): ``manifest``
+    at ``url``, weight 1."""
+    from tokenflow.data.stage_data import StageData
+
+    return [StageData(name, 1.0, manifest, url)]
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     from tokenflow.config import load_config

@@ -56,12 +56,16 @@ def cmd_corpus_shapes(args: argparse.Namespace) -> int:
 
 
 def cmd_corpus_index(args: argparse.Namespace) -> int:
-    """Index existing shards (webdataset or parquet) into a corpus manifest."""
-    from tokenflow.config import CorpusConfig
+    """Index existing shards (webdataset or parquet), or pack LLaVA-style JSON, into a corpus manifest."""
+    from tokenflow.config import CorpusConfig, LlavaConfig
     from tokenflow.stages.corpus import build_corpus
 
-    cfg = CorpusConfig(source="url", url=args.url, heldout_url=args.heldout_url,
-                       heldout_shards=args.heldout_shards)
+    if (args.format == "llava") != bool(args.image_root):
+        print("--image-root goes with --format llava (and it needs one)", file=sys.stderr)
+        return 2
+    llava = LlavaConfig(image_root=args.image_root) if args.format == "llava" else None
+    cfg = CorpusConfig(source="url", url=args.url, format=args.format, heldout_url=args.heldout_url,
+                       heldout_shards=args.heldout_shards, llava=llava)
     manifest = build_corpus(cfg, args.out)
     for split, block in manifest["splits"].items():
         print(f"{split}: {len(block['shards'])} shards, {block['samples']} samples")
@@ -107,9 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--heldout-fraction", type=float, default=0.1)
     shapes.add_argument("--image-size", type=int, default=64)
     shapes.set_defaults(func=cmd_corpus_shapes)
-    index = corpus.add_parser("index", help="index existing .tar/.parquet shards into a manifest")
-    index.add_argument("url", help="directory, glob or file of training shards")
+    index = corpus.add_parser("index", help="index existing .tar/.parquet shards (or pack LLaVA JSON) into a manifest")
+    index.add_argument("url", help="directory, glob or file of training shards; the JSON file with --format llava")
     index.add_argument("--out", required=True, help="where _MANIFEST.json goes")
+    index.add_argument("--format", choices=("auto", "webdataset", "parquet", "llava"), default="auto")
+    index.add_argument("--image-root", help="URL the LLaVA records' image paths are relative to (--format llava)")
     index.add_argument("--heldout-url", default=None)
     index.add_argument("--heldout-shards", type=int, default=1)
     index.set_defaults(func=cmd_corpus_index)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -247,15 +248,57 @@ class ShapesCorpusConfig(StrictModel):
     image_size: int = Field(64, ge=48)
 
 
+CorpusFormat = Literal["auto", "webdataset", "parquet", "llava"]
+CorpusText = Literal["captions", "conversations"]
+CORPUS_NAME = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+
+
+class WebdatasetConfig(StrictModel):
+    """How a webdataset sample's text is found."""
+
+    caption_json_key: str | None = Field("caption", description="A sample without a .txt member takes "
+                                         "its caption from this field of its .json member (img2dataset "
+                                         "writes one); None: .txt only.")
+
+
+class ParquetColumnsConfig(StrictModel):
+    """Column names of a Parquet image table (dataset hubs name them differently)."""
+
+    key: str | None = Field("key", description="Sample keys; None: '<shard stem>-<row>'.")
+    image: str = Field("image", description="The encoded image: binary, or a struct with a 'bytes' field "
+                       "(what dataset libraries write).")
+    caption: str | None = Field("caption", description="Caption strings; None: no captions.")
+    metadata: str | None = Field("json", description="Metadata JSON strings (e.g. LLaVA conversations), read "
+                             "when the table has the column.")
+
+
+class LlavaConfig(StrictModel):
+    """LLaVA-style instruction data: ``url`` is a JSON list of ``{id, image, conversations}``;
+    the corpus stage packs it into Parquet shards with the images it names."""
+
+    image_root: str = Field(description="URL the records' image paths are relative to.")
+    shard_size: int = Field(1000, gt=0, description="Records per packed shard.")
+
+
 class CorpusConfig(StrictModel):
-    """Where the images come from: the shapes corpus, or existing shards at a URL."""
+    """One image corpus: the shapes corpus, or existing data at a URL in one of the readers' formats."""
 
     source: Literal["shapes", "url"] = "shapes"
-    url: str | None = Field(default=None, description="Training shards: a directory, glob or file.")
+    url: str | None = Field(default=None, description="Training data: a directory, glob or file of shards "
+                            "(webdataset, parquet), or the JSON file (llava).")
+    format: CorpusFormat = Field("auto", description="auto: from the files' extensions (.tar: webdataset, "
+                                 "with img2dataset's .parquet side files beside the tars; .parquet: parquet).")
     heldout_url: str | None = Field(
         default=None, description="Held-out shards; when unset, the last heldout_shards of url."
     )
     heldout_shards: int = Field(1, ge=0)
+    texts: tuple[CorpusText, ...] | None = Field(
+        default=None, description="What text the samples carry, checked against the stages using the "
+        "corpus before any cluster work; None: from the format (shapes: both; webdataset: captions; "
+        "parquet: captions when columns.caption is set; llava: conversations). [] for images only.")
+    webdataset: WebdatasetConfig = WebdatasetConfig()
+    columns: ParquetColumnsConfig = ParquetColumnsConfig()
+    llava: LlavaConfig | None = None
     shapes: ShapesCorpusConfig = ShapesCorpusConfig()
     on_source_change: Literal["recompute", "fail"] = Field(
         "recompute", description="An indexed corpus whose shards changed since a completed run of the "
@@ -263,10 +306,34 @@ class CorpusConfig(StrictModel):
         "stops before any stage, naming the shards added, removed or rewritten.")
 
     @model_validator(mode="after")
-    def _url_given(self) -> "CorpusConfig":
+    def _source_complete(self) -> "CorpusConfig":
         if self.source == "url" and not self.url:
-            raise ValueError("corpus.source is 'url' but corpus.url is not set")
+            raise ValueError("source is 'url' but url is not set")
+        if (self.format == "llava") != (self.llava is not None):
+            raise ValueError("format llava needs the llava section (image_root), and only it")
+        if self.format == "llava" and self.source != "url":
+            raise ValueError("format llava reads the JSON file at url: set source: url")
         return self
+
+    @property
+    def holds(self) -> frozenset[str]:
+        """The texts its samples carry (``texts``, else the format's)."""
+        if self.texts is not None:
+            return frozenset(self.texts)
+        if self.source == "shapes":
+            return frozenset({"captions", "conversations"})
+        if self.format == "llava":
+            return frozenset({"conversations"})
+        if self.format == "parquet" and self.columns.caption is None:
+            return frozenset()
+        return frozenset({"captions"})
+
+
+class MixtureEntry(StrictModel):
+    """One corpus of a training stage's data and its share of the samples."""
+
+    corpus: str
+    weight: float = Field(1.0, gt=0.0, description="Relative share (weights are normalised).")
 
 
 class PretokenizeConfig(StrictModel):
@@ -361,6 +428,9 @@ class TrainingConfig(StrictModel):
     corrupt_checkpoint: Literal["fallback", "fail"] = Field(
         "fallback", description="A latest checkpoint that does not verify: 'fallback' resumes from "
         "the newest one that does (with a warning naming the bad one), 'fail' stops the stage.")
+    data: tuple[MixtureEntry, ...] | None = Field(
+        default=None, description="The corpora this stage trains on, with mixture weights; None: the only "
+        "corpus of ``corpora``.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement of the workers: PACK fills nodes in turn, SPREAD puts "
         "them on as many nodes as possible.")
@@ -493,6 +563,9 @@ class TrainUnderstandingConfig(TrainingConfig):
     align_trains: Literal["projector", "all"] = Field(
         "projector", description="projector: LLaVA stage 1, the (pretrained) LM frozen; all: the LM "
         "trains on the captions too (an LM built from scratch must first learn to read images).")
+    align_data: tuple[MixtureEntry, ...] | None = Field(
+        default=None, description="Stage 1's corpora (captions; a row without one gives its conversation), "
+        "with mixture weights; None: ``data``.")
     split_turns: bool = Field(False, description="Each question/answer turn of a conversation "
                               "becomes its own sample (independent yes/no pairs).")
     eval_every: int = Field(200, gt=0)
@@ -526,6 +599,13 @@ class ReconstructionEvalConfig(StrictModel):
     fid: FIDConfig = FIDConfig()
 
 
+def _require(section: StrictModel, benchmark: str, *fields: str) -> None:
+    """Raise unless the fields the release of ``benchmark`` reads are set (when it is chosen)."""
+    if getattr(section, "benchmark") == benchmark:
+        if missing := [k for k in fields if not getattr(section, k)]:
+            raise ValueError(f"benchmark {benchmark} needs {', '.join(missing)}")
+
+
 class GenEvalRulesConfig(StrictModel):
     """GenEval's scoring settings (the official values by default)."""
 
@@ -555,10 +635,7 @@ class GenerationEvalConfig(StrictModel):
 
     @model_validator(mode="after")
     def _real_backends_configured(self) -> "GenerationEvalConfig":
-        if self.benchmark == "geneval":
-            missing = [k for k in ("metadata_url", "detector_path", "clip_weights") if not getattr(self, k)]
-            if missing:
-                raise ValueError(f"benchmark geneval needs {', '.join(missing)}")
+        _require(self, "geneval", "metadata_url", "detector_path", "clip_weights")
         return self
 
 
@@ -572,8 +649,7 @@ class UnderstandingEvalConfig(StrictModel):
 
     @model_validator(mode="after")
     def _root_given(self) -> "UnderstandingEvalConfig":
-        if self.benchmark == "mme" and not self.root_url:
-            raise ValueError("benchmark mme needs root_url")
+        _require(self, "mme", "root_url")
         return self
 
 
@@ -593,10 +669,7 @@ class POPEEvalConfig(StrictModel):
 
     @model_validator(mode="after")
     def _data_given(self) -> "POPEEvalConfig":
-        if self.benchmark == "pope":
-            missing = [k for k in ("root_url", "image_root_url") if not getattr(self, k)]
-            if missing:
-                raise ValueError(f"benchmark pope needs {', '.join(missing)}")
+        _require(self, "pope", "root_url", "image_root_url")
         if not (self.files.count("{split}") == self.files.count("{") == self.files.count("}") == 1) \
                 or "/" in self.files:
             raise ValueError(f"files must be a file name holding {{split}} once, got {self.files!r}")
@@ -618,10 +691,7 @@ class DPGEvalConfig(StrictModel):
 
     @model_validator(mode="after")
     def _data_given(self) -> "DPGEvalConfig":
-        if self.benchmark == "dpg":
-            missing = [k for k in ("root_url", "vqa_model_path") if not getattr(self, k)]
-            if missing:
-                raise ValueError(f"benchmark dpg needs {', '.join(missing)}")
+        _require(self, "dpg", "root_url", "vqa_model_path")
         return self
 
 
@@ -654,6 +724,9 @@ class EvalConfig(StrictModel):
         "the cluster has GPUs, cpu none.")
     num_cpus: float = Field(1.0, gt=0, description="CPUs each evaluation's Ray task holds.")
     seed: int = Field(0, ge=0, description="Sampling seeds and the untrained baselines' initialisation.")
+    corpus: str | None = Field(default=None, description="The corpus whose held-out split the evaluations "
+                               "read (reconstruction images, the shapes benchmarks); None: the tokenizer's "
+                               "first corpus.")
     reconstruction: ReconstructionEvalConfig = ReconstructionEvalConfig()
     generation: GenerationEvalConfig = GenerationEvalConfig()
     understanding: UnderstandingEvalConfig = UnderstandingEvalConfig()
@@ -753,7 +826,8 @@ class TokenFlowConfig(StrictModel):
     """Root of every config file. Sections are added as stages need them."""
 
     tokenizer: TokenizerConfig
-    corpus: CorpusConfig = CorpusConfig()
+    corpora: dict[str, CorpusConfig] = Field(default_factory=lambda: {"shapes": CorpusConfig()},
+                                             description="The image corpora, by name.")
     pretokenize: PretokenizeConfig = PretokenizeConfig()
     train_tokenizer: TrainTokenizerConfig = Field(default_factory=TrainTokenizerConfig)
     finetune_decoder: FinetuneDecoderConfig | None = None
@@ -763,6 +837,75 @@ class TokenFlowConfig(StrictModel):
     limits: SampleLimitsConfig = SampleLimitsConfig()
     tracking: TrackingConfig = TrackingConfig()
     workflow: WorkflowConfig = WorkflowConfig()
+
+    def stage_data(self, section: str) -> tuple[MixtureEntry, ...]:
+        """The corpora a training section (or ``train_understanding.align``) trains on."""
+        if section == "train_understanding.align":
+            t = self.train_understanding
+            entries = t.align_data if t.align_data is not None else t.data
+        else:
+            entries = getattr(self, section).data
+        if entries is not None:
+            return entries
+        if len(self.corpora) != 1:
+            raise ValueError(f"{section}.data: name the corpora it trains on ({len(self.corpora)} are defined: "
+                             f"{', '.join(sorted(self.corpora))})")
+        return (MixtureEntry(corpus=next(iter(self.corpora))),)
+
+    @property
+    def training_sections(self) -> tuple[str, ...]:
+        """The configured training sections that read corpora."""
+        return tuple(s for s in ("train_tokenizer", "finetune_decoder", "train_generator", "train_understanding")
+                     if getattr(self, s) is not None)
+
+    @property
+    def eval_corpus(self) -> str:
+        """The corpus whose held-out split the evaluations read."""
+        return self.eval.corpus or self.stage_data("train_tokenizer")[0].corpus
+
+    @property
+    def token_corpora(self) -> tuple[str, ...]:
+        """Corpora pre-tokenized with the tokenizer as trained (the understanding model's, and the
+        generator's without a tokenizer view), in first-use order."""
+        names: list[str] = []
+        if self.train_understanding is not None:
+            names += [e.corpus for e in self.stage_data("train_understanding.align") + self.stage_data(
+                "train_understanding")]
+        if self.train_generator is not None and self.generation_view is None:
+            names += [e.corpus for e in self.stage_data("train_generator")]
+        return tuple(dict.fromkeys(names))
+
+    @model_validator(mode="after")
+    def _data_suitable(self) -> "TokenFlowConfig":
+        """Every corpus a stage names exists and carries the text the stage trains on."""
+        for name in self.corpora:
+            if not re.match(CORPUS_NAME, name):
+                raise ValueError(f"corpora: name {name!r} must match {CORPUS_NAME} (it names stages and folders)")
+        needs = {"train_tokenizer": (), "finetune_decoder": (), "train_generator": ("captions",),
+                 "train_understanding": ("conversations",), "train_understanding.align": ("captions", "conversations")}
+        sections = list(self.training_sections)
+        if self.train_understanding is not None:
+            sections.append("train_understanding.align")
+        for section in sections:
+            entries = self.stage_data(section)
+            field = "align_data" if section.endswith(".align") else "data"
+            where = f"{section.removesuffix('.align')}.{field}"
+            names = [e.corpus for e in entries]
+            if not names:
+                raise ValueError(f"{where}: names no corpus")
+            if repeated := sorted({n for n in names if names.count(n) > 1}):
+                raise ValueError(f"{where}: corpora named more than once: {repeated}")
+            for name in names:
+                if name not in self.corpora:
+                    raise ValueError(f"{where}: no corpus {name!r} in corpora (defined: {', '.join(sorted(self.corpora))})")
+                held = self.corpora[name].holds
+                if needs[section] and not held & set(needs[section]):
+                    raise ValueError(f"{where}: corpus {name!r} holds {sorted(held) or 'no text'}; this stage "
+                                     f"trains on {' or '.join(needs[section])} (set corpora.{name}.texts if the "
+                                     "corpus has them)")
+        if self.eval.corpus is not None and self.eval.corpus not in self.corpora:
+            raise ValueError(f"eval.corpus: no corpus {self.eval.corpus!r} in corpora")
+        return self
 
     @property
     def generation_view(self) -> TokenizerView | None:

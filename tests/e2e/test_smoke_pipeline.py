@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 
 from tokenflow import storage
+from tokenflow.config import load_config
 
 from tests.conftest import REPO, forget_s3_clients
 
 DASHBOARD = "http://127.0.0.1:8265"
-STAGES = ("corpus", "train_tokenizer", "eval_reconstruction", "pretokenize", "train_generator",
+STAGES = ("corpus.shapes", "train_tokenizer", "eval_reconstruction", "pretokenize.shapes", "train_generator",
           "train_understanding", "eval_generation", "eval_dpg", "eval_understanding", "eval_pope")
 PROMISED = {
     "train_tokenizer": ("loss/total", "codebook/usage", "heldout/psnr", "latent_norm/pixel",
@@ -30,10 +31,12 @@ PROMISED = {
     "eval_generation": ("overall", "baseline/overall", "reference/overall"),
     "eval_pope": ("f1", "baseline/f1", "random/f1", "adversarial/yes_ratio", "baseline/popular/accuracy"),
     "eval_dpg": ("overall", "baseline/overall", "reference/overall", "entity", "baseline/attribute/color"),
-    "train_generator": ("loss/image_tokens", "heldout/loss", "heldout/unigram_entropy"),
-    "train_understanding": ("align/loss/answer", "loss/answer", "heldout/yes_no_accuracy", "heldout/majority_rate"),
-    "corpus": ("stage_seconds",),
-    "pretokenize": ("stage_seconds",),
+    "train_generator": ("loss/image_tokens", "heldout/loss", "heldout/unigram_entropy", "data/shapes/examples",
+                        "data/shapes/share", "data/shapes/weight"),
+    "train_understanding": ("align/loss/answer", "loss/answer", "heldout/yes_no_accuracy", "heldout/majority_rate",
+                            "align/data/shapes/examples", "data/shapes/examples"),
+    "corpus.shapes": ("stage_seconds", "train/samples"),
+    "pretokenize.shapes": ("stage_seconds",),
 }
 
 
@@ -142,8 +145,16 @@ def test_smoke_pipeline_on_object_storage_and_a_tracking_server_then_cached(stac
         stage, metric = headline.split("/", 1)
         assert {headline, f"{stage}/baseline/{metric}"} <= set(parent.data.metrics), headline
 
+    # Lineage: each training stage's manifest lists its corpus, digest, weight and the samples it drew.
+    ci = load_config(REPO / "configs" / "pipelines" / "ci.yaml")
+    for stage, phase in (("train_tokenizer", "train"), ("train_generator", "train"), ("train_understanding", "finetune")):
+        t = getattr(ci, stage)
+        (row,) = _manifest(outputs[stage])["data"][phase]
+        assert row["corpus"] == "shapes" and row["weight"] == 1.0 and row["realised_share"] == 1.0, stage
+        assert row["examples"] == t.steps * t.micro_batch_size * t.grad_accum * t.num_workers, (stage, row)
+        assert row["digest"] and row["duplicates_dropped"] == 0, stage
     _check_registered_models(client, outputs)
-    verify = subprocess.run([sys.executable, "-m", "tokenflow.cli", "shards", "verify", outputs["pretokenize"]],
+    verify = subprocess.run([sys.executable, "-m", "tokenflow.cli", "shards", "verify", outputs["pretokenize.shapes"]],
                             cwd=REPO, env=_env(stack), capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
 

@@ -27,7 +27,7 @@ from tokenflow.data.token_shards import iter_token_samples, read_table
 from tokenflow.stages.pretokenize import pretokenize_corpus
 from tokenflow.stages.train_tokenizer import run_train_tokenizer
 
-from tests.conftest import MODEL_CONFIGS
+from tests.conftest import MODEL_CONFIGS, one_corpus
 from tests.fixtures.odd_images import header_only_png, odd_image_samples
 
 PNG = odd_image_samples()["rgb_png"][0]
@@ -134,7 +134,7 @@ def test_a_hostile_corpus_is_quarantined_or_used_never_a_crash(ray_local, tiny_t
         "train_tokenizer.steps=2", "train_tokenizer.num_workers=1", "train_tokenizer.micro_batch_size=4",
         "train_tokenizer.heldout_images=2", "limits.max_image_pixels=4000000",
         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
-    trained = run_train_tokenizer(cfg, manifest, str(tmp_path / "tokenizer"))
+    trained = run_train_tokenizer(cfg, one_corpus(manifest), str(tmp_path / "tokenizer"))
     assert trained["steps"] == 2
 
     assert corpus_before == {p: (corpus_dir / p).read_bytes() for p in _files(corpus_dir)}  # read, never written

@@ -110,25 +110,25 @@ def test_two_pipeline_runs_at_once_make_the_stage_once(ray_local, tmp_path):
 
     db, store = tmp_path / "mlflow.db", str(tmp_path / "store")
     cfg = load_config(MODEL_CONFIGS / "tokenflow-tiny.yaml", [
-        "corpus.shapes={num_samples: 3000, shard_size: 500, seed: 1}", f"tracking.tracking_uri=sqlite:///{db}",
+        "corpora.shapes.shapes={num_samples: 3000, shard_size: 500, seed: 1}", f"tracking.tracking_uri=sqlite:///{db}",
         "workflow={lease_ttl_s: 30, lease_renew_s: 5, busy_poll_s: 0.2}"])
     manifests: list[dict] = []
-    threads = [threading.Thread(target=lambda: manifests.append(run_pipeline(cfg, store, "two.yaml", only="corpus")))
+    threads = [threading.Thread(target=lambda: manifests.append(run_pipeline(cfg, store, "two.yaml", only="corpus.shapes")))
                for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(manifests) == 2 and manifests[0]["corpus"] == manifests[1]["corpus"]
+    assert len(manifests) == 2 and manifests[0]["corpus.shapes"] == manifests[1]["corpus.shapes"]
 
     client = mlflow.MlflowClient(f"sqlite:///{db}")
     experiment = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
-    stage_runs = client.search_runs([experiment], "tags.`tokenflow.stage` = 'corpus'")
+    stage_runs = client.search_runs([experiment], "tags.`tokenflow.stage` = 'corpus.shapes'")
     assert len(stage_runs) == 1 and stage_runs[0].info.status == "FINISHED"
-    states = sorted(r.data.tags["tokenflow.stage.corpus"].split()[1]
+    states = sorted(r.data.tags["tokenflow.stage.corpus.shapes"].split()[1]
                     for r in client.search_runs([experiment], "tags.`tokenflow.stage` = 'pipeline'"))
     assert states == ["cached", "complete"]
-    assert LEASE_NAME not in manifests[0]["corpus"]["files"]
+    assert LEASE_NAME not in manifests[0]["corpus.shapes"]["files"]
 
 
 def test_a_killed_process_of_this_host_loses_its_lease_at_once(root):

@@ -17,7 +17,7 @@ from tokenflow.data.token_shards import read_table
 from tokenflow.stages.pretokenize import run_pretokenize
 from tokenflow.stages.train_tokenizer import run_train_tokenizer
 
-from tests.conftest import MODEL_CONFIGS
+from tests.conftest import MODEL_CONFIGS, one_corpus
 from tests.integration.conftest import RUNTIME_ENV, shapes_corpus, start_local_ray
 
 TINY = MODEL_CONFIGS / "tokenflow-tiny.yaml"
@@ -44,7 +44,7 @@ def _shard_files(out: Path) -> dict[str, bytes]:
 def single_node(ray_local, token_corpus, tmp_path_factory) -> Path:
     """The tokenizer trained on the session's single node (2 workers packed on it)."""
     out = tmp_path_factory.mktemp("single-node")
-    run_train_tokenizer(_config(out / "mlflow.db", *TRAIN), token_corpus, str(out))
+    run_train_tokenizer(_config(out / "mlflow.db", *TRAIN), one_corpus(token_corpus), str(out))
     return out
 
 
@@ -82,7 +82,7 @@ def test_pretokenize_spreads_over_nodes_and_writes_the_single_node_bytes(cluster
 def test_training_workers_spread_over_nodes_and_match_the_single_node_run(cluster, token_corpus, single_node,
                                                                           tmp_path):
     db = tmp_path / "mlflow.db"
-    manifest = run_train_tokenizer(_config(db, *TRAIN, "train_tokenizer.placement_strategy=SPREAD"), token_corpus,
+    manifest = run_train_tokenizer(_config(db, *TRAIN, "train_tokenizer.placement_strategy=SPREAD"), one_corpus(token_corpus),
                                    str(tmp_path))
     nodes = _tag(db, manifest["mlflow_run_id"], "tokenflow.worker_nodes")
     assert len(nodes) == 2 and len(set(nodes)) == 2, nodes

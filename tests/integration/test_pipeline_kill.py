@@ -16,7 +16,7 @@ from tokenflow.data.manifest import LEASE_NAME, content_digest
 
 from tests.conftest import REPO
 
-SMALL = ["corpus.shapes.num_samples=360", "corpus.shapes.shard_size=30", "train_tokenizer.steps=2",
+SMALL = ["corpora.shapes.shapes.num_samples=360", "corpora.shapes.shapes.shard_size=30", "train_tokenizer.steps=2",
          "train_tokenizer.lr_schedule.warmup_steps=0", "train_tokenizer.checkpoint_every=2", "train_tokenizer.micro_batch_size=4",
          "pretokenize.num_actors=1", "pretokenize.batch_size=8", "pretokenize.micro_batch=8"]
 
@@ -38,16 +38,16 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 def test_kill_during_pretokenize_then_rerun_matches_a_clean_run(tmp_path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    for stage in ("corpus", "train_tokenizer"):
+    for stage in ("corpus.shapes", "train_tokenizer"):
         subprocess.run(_full(killed, "--only", stage), cwd=REPO, env=_env(), check=True, capture_output=True)
     shutil.copytree(killed, clean, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
 
-    proc = subprocess.Popen(_full(killed, "--only", "pretokenize"), cwd=REPO, env=_env(), start_new_session=True,
+    proc = subprocess.Popen(_full(killed, "--only", "pretokenize.shapes"), cwd=REPO, env=_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:
-            shards = list(killed.glob("pretokenize/*/shards/train/*.parquet"))
+            shards = list(killed.glob("pretokenize.shapes/*/shards/train/*.parquet"))
             if shards:
                 break
             assert proc.poll() is None, "pretokenize finished before it could be killed"
@@ -57,12 +57,12 @@ def test_kill_during_pretokenize_then_rerun_matches_a_clean_run(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    (out,) = killed.glob("pretokenize/*")
+    (out,) = killed.glob("pretokenize.shapes/*")
     assert not (out / "_MANIFEST.json").exists()  # really interrupted
 
-    subprocess.run(_full(killed, "--only", "pretokenize"), cwd=REPO, env=_env(), check=True, capture_output=True)
-    subprocess.run(_full(clean, "--only", "pretokenize"), cwd=REPO, env=_env(), check=True, capture_output=True)
-    (reference,) = clean.glob("pretokenize/*")
+    subprocess.run(_full(killed, "--only", "pretokenize.shapes"), cwd=REPO, env=_env(), check=True, capture_output=True)
+    subprocess.run(_full(clean, "--only", "pretokenize.shapes"), cwd=REPO, env=_env(), check=True, capture_output=True)
+    (reference,) = clean.glob("pretokenize.shapes/*")
     assert reference.name == out.name
     made, expected = _tree(out), _tree(reference)
     # Each manifest names the MLflow run that wrote it, each lease the run that held it (the lease

@@ -15,7 +15,7 @@ from tokenflow.models.weights import load_tokenizer
 from tokenflow.stages.train_generator import run_train_generator
 from tokenflow.stages.train_understanding import run_train_understanding
 
-from tests.conftest import MODEL_CONFIGS
+from tests.conftest import MODEL_CONFIGS, one_corpus
 from tests.integration.conftest import TINY_LM, ProcessKiller, worker_killer
 
 COMMON = ["micro_batch_size=4", "num_workers=2", "cpus_per_worker=1", "log_every=1", "lr=0.001",
@@ -30,6 +30,11 @@ def _config(stage: str, out, *extra: str):
     return load_config(MODEL_CONFIGS / "tokenflow-tiny.yaml", overrides)
 
 
+def _data(token_shards) -> list:
+    """The one-corpus mixture of the shared token shards."""
+    return one_corpus(*token_shards)
+
+
 def _client(out):
     mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
     return mlflow.MlflowClient()
@@ -40,7 +45,7 @@ def test_generator_zero3_two_workers_exports_a_sampler_and_logs(ray_local, token
     out = tmp_path / "gen"
     cfg = _config("train_generator", out, "steps=3", "checkpoint_every=3", "eval_every=3", "deepspeed=zero3",
                   "heldout_samples=8", "sample_prompts=3", "sampling.top_k=[20, 1]", "sampling.top_p=[0.8, 0.0]")
-    result = run_train_generator(cfg, manifest, url, str(tiny_tokenizer_path), str(out))
+    result = run_train_generator(cfg, _data(token_shards), str(tiny_tokenizer_path), str(out))
     model, tok = load_generator(str(out / "model"))  # ZeRO-3 partitions were gathered
     text = left_pad([[tok.bos_token_id] + tok("one red circle")["input_ids"]], tok.pad_token_id)
     tokens = sample_tokens(model, text, left_pad([[tok.bos_token_id]], tok.pad_token_id), cfg.train_generator.sampling)
@@ -95,7 +100,8 @@ def test_lost_worker_restarts_the_group_from_its_checkpoint(ray_local, token_sha
     if stage == "train_understanding":
         args += ("align_steps=2", "split_turns=true", "heldout_questions=4")
     def train(out):
-        return {**run(_config(stage, out, *args), manifest, url, str(tiny_tokenizer_path), str(out)), "out": out}
+        data = _data(token_shards) * (2 if stage == "train_understanding" else 1)  # align_data, data
+        return {**run(_config(stage, out, *args), *data, str(tiny_tokenizer_path), str(out)), "out": out}
 
     straight = train(tmp_path / "straight")
     killer = worker_killer(tmp_path / "killed" / "checkpoints", "finetune" if stage == "train_understanding" else "train")
@@ -120,7 +126,7 @@ def test_another_world_size_resumes_through_a_universal_checkpoint(ray_local, to
     def train(steps: int, workers: int) -> dict:
         cfg = _config("train_generator", out, f"steps={steps}", f"num_workers={workers}", "checkpoint_every=2",
                       "eval_every=100", f"deepspeed={zero}")
-        return run_train_generator(cfg, manifest, url, str(tiny_tokenizer_path), str(out))
+        return run_train_generator(cfg, _data(token_shards), str(tiny_tokenizer_path), str(out))
 
     train(2, 2)
     saved_by_two = weights.read_bytes()
@@ -147,7 +153,7 @@ def test_generator_refuses_shards_of_another_tokenizer(token_shards, tmp_path, t
     save_tokenizer(TokenFlowTokenizer(tiny_config, with_teacher=False), other)
     manifest, url = token_shards
     with pytest.raises(TokenShardError, match="did not make these token shards"):
-        run_train_generator(_config("train_generator", tmp_path, "steps=1"), manifest, url, str(other),
+        run_train_generator(_config("train_generator", tmp_path, "steps=1"), _data(token_shards), str(other),
                             str(tmp_path / "g"))
 
 
@@ -159,7 +165,7 @@ def test_understanding_align_then_finetune_answers_questions(ray_local, token_sh
     cfg = _config("train_understanding", out, "align_steps=2", "steps=3", "checkpoint_every=3", "eval_every=3",
                   f"deepspeed={zero}", "split_turns=true", "heldout_questions=6", "max_new_tokens=3",
                   f"align_trains={align_trains}")
-    result = run_train_understanding(cfg, manifest, url, str(tiny_tokenizer_path), str(out))
+    result = run_train_understanding(cfg, _data(token_shards), _data(token_shards), str(tiny_tokenizer_path), str(out))
     aligned, _ = read_weights(str(out / "align" / "aligned.safetensors"))
     trained_lm = any(k.startswith("lm.") for k in aligned)
     assert any(k.startswith("projector.") for k in aligned) and trained_lm == (align_trains == "all")

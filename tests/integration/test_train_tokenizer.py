@@ -19,7 +19,7 @@ from tokenflow.models.weights import file_sha256
 from tokenflow.stages.corpus import build_corpus
 from tokenflow.stages.train_tokenizer import run_train_tokenizer
 
-from tests.conftest import MODEL_CONFIGS, REPO
+from tests.conftest import MODEL_CONFIGS, REPO, one_corpus
 from tests.integration.conftest import worker_killer
 
 TINY = MODEL_CONFIGS / "tokenflow-tiny.yaml"
@@ -36,10 +36,11 @@ def corpus(tmp_path_factory) -> Path:
     return out
 
 
-def _manifest(corpus: Path) -> dict:
+def _data(corpus: Path) -> list:
+    """The stage's one-corpus mixture: the corpus at ``corpus``."""
     from tokenflow import storage
 
-    return storage.read_json(str(corpus / "_MANIFEST.json"))
+    return one_corpus(storage.read_json(str(corpus / "_MANIFEST.json")), str(corpus))
 
 
 def _history(db: Path, metric: str) -> dict[int, float]:
@@ -66,7 +67,7 @@ def test_zero3_two_workers_train_and_log_everything_promised(ray_local, corpus, 
     cfg = load_config(TINY, [*FAST, "train_tokenizer.steps=4", "train_tokenizer.checkpoint_every=4",
                              "train_tokenizer.deepspeed=zero3", f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}",
                              "tracking.system_metrics_every_s=1"])
-    manifest = run_train_tokenizer(cfg, _manifest(corpus), str(out))
+    manifest = run_train_tokenizer(cfg, _data(corpus), str(out))
     assert (out / "tokenizer.safetensors").stat().st_size == manifest["tokenizer"]["bytes"]
 
     from tokenflow.models.weights import load_tokenizer
@@ -78,7 +79,7 @@ def test_zero3_two_workers_train_and_log_everything_promised(ray_local, corpus, 
     client = mlflow.MlflowClient()
     run = client.get_run(manifest["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    for param in ("config_hash", "git_commit", "input.corpus_manifest", "train_tokenizer.deepspeed",
+    for param in ("config_hash", "git_commit", "input.corpus.shapes", "train_tokenizer.deepspeed",
                   "tokenizer.quantizer.codebook_size"):
         assert param in run.data.params, param
     assert run.data.params["train_tokenizer.deepspeed"] == "zero3"
@@ -93,7 +94,7 @@ def test_zero3_two_workers_train_and_log_everything_promised(ray_local, corpus, 
     assert "system/node-0/cpu_utilization_percentage" in run.data.metrics  # the node's first worker samples it
     assert "system/node-0/system_memory_usage_megabytes" in run.data.metrics
     assert run.data.tags["tokenflow.tokenizer_sha256"] == manifest["tokenizer"]["sha256"]
-    assert run.data.tags["tokenflow.input.corpus_manifest"] == run.data.params["input.corpus_manifest"]
+    assert run.data.tags["tokenflow.input.corpus.shapes"] == run.data.params["input.corpus.shapes"]
 
 
 # Checkpoints every 2 of 10 steps: each one is a barrier of a second or more, so the kill after
@@ -158,7 +159,7 @@ def test_lost_worker_restarts_the_group_from_its_checkpoint(ray_local, corpus, u
     cfg = load_config(TINY, [*FAST, *RESUME_STEPS, f"tracking.tracking_uri=sqlite:///{db}"])
     killer = worker_killer(out / "checkpoints")
     killer.start()
-    run_train_tokenizer(cfg, _manifest(corpus), str(out))
+    run_train_tokenizer(cfg, _data(corpus), str(out))
     killer.join()
     assert killer.killed is not None
 
@@ -179,7 +180,7 @@ def test_corrupt_latest_checkpoint_falls_back_or_fails_as_configured(ray_local, 
     def train(steps: int, *extra: str) -> dict:
         cfg = load_config(TINY, [*FAST, f"train_tokenizer.steps={steps}", "train_tokenizer.checkpoint_every=2",
                                  "train_tokenizer.max_failures=0", f"tracking.tracking_uri=sqlite:///{db}", *extra])
-        return run_train_tokenizer(cfg, _manifest(corpus), str(out))
+        return run_train_tokenizer(cfg, _data(corpus), str(out))
 
     train(4)
     checkpoints = out / "checkpoints" / "train"
@@ -234,12 +235,12 @@ def test_decoder_finetune_stage_trains_only_the_decoder(ray_local, corpus, tmp_p
 
     out = tmp_path / "tokenizer"
     store = [f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-    trained = run_train_tokenizer(load_config(TINY, [*FAST, *store, "train_tokenizer.steps=2"]), _manifest(corpus),
+    trained = run_train_tokenizer(load_config(TINY, [*FAST, *store, "train_tokenizer.steps=2"]), _data(corpus),
                                   str(out))
     tune = ["finetune_decoder={steps: 3, checkpoint_every: 3, num_workers: 2, cpus_per_worker: 0.5, "
             "micro_batch_size: 2, log_every: 1, image_every: 3, heldout_images: 4, decoder_ch: 32}"]
     cfg = load_config(TINY, [*FAST, *store, *tune])
-    tuned = run_finetune_decoder(cfg, _manifest(corpus), str(out / "tokenizer.safetensors"),
+    tuned = run_finetune_decoder(cfg, _data(corpus), str(out / "tokenizer.safetensors"),
                                  trained["tokenizer"]["sha256"], str(tmp_path / "decoder"))
     assert tuned["inputs"]["tokenizer"] == trained["tokenizer"]["sha256"]
     base = load_tokenizer(out / "tokenizer.safetensors")

@@ -43,7 +43,9 @@ def completed(tmp_path_factory):
     return root, _complete_all(root)
 
 
-ALL = {"corpus", "train_tokenizer", "eval_reconstruction", "pretokenize", "train_generator", "train_understanding",
+CORPUS, TOKENS, VIEW_TOKENS = "corpus.shapes", "pretokenize.shapes", "pretokenize_generation.shapes"
+TEXTS = "texts: [captions, conversations]"  # what an indexed stand-in for the shapes corpus carries
+ALL = {CORPUS, "train_tokenizer", "eval_reconstruction", TOKENS, "train_generator", "train_understanding",
        "eval_generation", "eval_dpg", "eval_understanding", "eval_pope"}
 
 
@@ -51,12 +53,12 @@ ALL = {"corpus", "train_tokenizer", "eval_reconstruction", "pretokenize", "train
     # included: the config a stage reads
     ("train_generator.steps=70", {"train_generator", "eval_generation", "eval_dpg"}),
     ("train_understanding.lr=0.0002", {"train_understanding", "eval_understanding", "eval_pope"}),
-    ("pretokenize.micro_batch=8", {"pretokenize", "train_generator", "train_understanding", "eval_generation",
+    ("pretokenize.micro_batch=8", {TOKENS, "train_generator", "train_understanding", "eval_generation",
                                    "eval_dpg", "eval_understanding", "eval_pope"}),
-    ("pretokenize.compression=snappy", ALL - {"corpus", "train_tokenizer", "eval_reconstruction"}),
-    ("train_tokenizer.steps=100", ALL - {"corpus"}),
-    ("tokenizer.quantizer.beta=0.5", ALL - {"corpus"}),
-    ("corpus.shapes.seed=1", ALL),
+    ("pretokenize.compression=snappy", ALL - {CORPUS, "train_tokenizer", "eval_reconstruction"}),
+    ("train_tokenizer.steps=100", ALL - {CORPUS}),
+    ("tokenizer.quantizer.beta=0.5", ALL - {CORPUS}),
+    ("corpora.shapes.shapes.seed=1", ALL),
     ("eval.generation.images_per_prompt=3", {"eval_generation"}),
     ("eval.understanding.shapes_per_subtask=5", {"eval_understanding"}),
     ("eval.pope.shapes_images=5", {"eval_pope"}),
@@ -90,9 +92,9 @@ def test_one_config_change_reruns_exactly_what_it_changes(completed, override, e
 
 
 @pytest.mark.parametrize("change,expected", [
-    ({"cluster_gpus": True}, ALL - {"corpus"}),  # the tokenizer trains on GPUs: everything after it
-    ({"libraries": {**LIBRARIES, "torch": "2.1"}}, ALL - {"corpus"}),
-    ({"libraries": {**LIBRARIES, "deepspeed": "0.2"}}, ALL - {"corpus"}),
+    ({"cluster_gpus": True}, ALL - {CORPUS}),  # the tokenizer trains on GPUs: everything after it
+    ({"libraries": {**LIBRARIES, "torch": "2.1"}}, ALL - {CORPUS}),
+    ({"libraries": {**LIBRARIES, "deepspeed": "0.2"}}, ALL - {CORPUS}),
     ({"libraries": {**LIBRARIES, "pillow": "11.0"}}, ALL),
     ({"libraries": {**LIBRARIES, "pyarrow": "99"}}, set()),
 ])
@@ -112,7 +114,7 @@ def test_stage_resources_count_gpus_where_the_settings_take_them():
         {"CPU": 4.0, "GPU": 0.0}
     assert resources(load_config(SMOKE, ["eval.device=cuda"]), "eval_understanding") == {"CPU": 1.0, "GPU": 1.0}
     assert resources(cfg, "train_generator", cluster_gpus=True) == {"CPU": 2.0, "GPU": 2.0}
-    assert resources(cfg, "pretokenize", cluster_gpus=False)["GPU"] == 0.0
+    assert resources(cfg, TOKENS, cluster_gpus=False)["GPU"] == 0.0
 
 
 def test_the_deepspeed_file_contents_are_part_of_the_identity(tmp_path):
@@ -129,14 +131,14 @@ def test_inputs_count_by_content(tmp_path):
     """A changed upstream output re-runs its dependants; a re-run upstream that made the same
     output (same manifest content) leaves them cached."""
     base = _complete_all(tmp_path)
-    corpus = StageOutput.under(str(tmp_path), "corpus", base["corpus"])
+    corpus = StageOutput.under(str(tmp_path), CORPUS, base[CORPUS])
     storage.write_json_atomic(corpus.manifest_url, {"kind": "corpus", "made_by": "another corpus"})
-    assert _reruns(tmp_path) == ALL - {"corpus"}
-    storage.write_json_atomic(corpus.manifest_url, {"kind": "corpus", "made_by": base["corpus"],
+    assert _reruns(tmp_path) == ALL - {CORPUS}
+    storage.write_json_atomic(corpus.manifest_url, {"kind": CORPUS, "made_by": base[CORPUS],
                                                      "mlflow_run_id": "another run"})  # bookkeeping only
     assert _reruns(tmp_path) == set()
 
-    assert _reruns(tmp_path, "train_tokenizer.steps=100") == ALL - {"corpus"}
+    assert _reruns(tmp_path, "train_tokenizer.steps=100") == ALL - {CORPUS}
     retrained = next(p for p in plan(load_config(SMOKE, ["train_tokenizer.steps=100"]), str(tmp_path), env=ENV)
                      if p.name == "train_tokenizer")
     storage.write_json_atomic(retrained.output.manifest_url, {"kind": "train_tokenizer",
@@ -167,7 +169,7 @@ def test_an_indexed_corpus_reruns_when_its_shards_change(tmp_path):
     shards.mkdir()
     for name in ("a.tar", "b.tar"):
         (shards / name).write_bytes(b"x" * 10)
-    override = f"corpus={{source: url, url: {shards}, heldout_shards: 1}}"
+    override = f"corpora.shapes={{source: url, url: {shards}, heldout_shards: 1, {TEXTS}}}"
     _complete_all(tmp_path / "s", override)
     assert _reruns(tmp_path / "s", override) == set()
     (shards / "c.tar").write_bytes(b"y")
@@ -175,11 +177,11 @@ def test_an_indexed_corpus_reruns_when_its_shards_change(tmp_path):
     from tokenflow.data.corpus import CorpusError
 
     with pytest.raises(CorpusError, match="no such file or directory"):
-        _reruns(tmp_path / "s", f"corpus={{source: url, url: {tmp_path / 'gone'}, heldout_shards: 1}}")
+        _reruns(tmp_path / "s", f"corpora.shapes={{source: url, url: {tmp_path / 'gone'}, heldout_shards: 1, {TEXTS}}}")
 
 
 def test_a_changed_corpus_fails_the_plan_when_configured(tmp_path):
-    """corpus.on_source_change: fail stops before any stage, naming what changed since the
+    """corpora.<c>.on_source_change: fail stops before any stage, naming what changed since the
     completed corpus output of the same config; recompute (the default) re-indexes."""
     from tokenflow.stages.corpus import make_corpus
 
@@ -187,17 +189,17 @@ def test_a_changed_corpus_fails_the_plan_when_configured(tmp_path):
     shards.mkdir()
     for name in ("a.tar", "b.tar", "c.tar"):
         (shards / name).write_bytes(b"")
-    corpus = f"corpus={{source: url, url: {shards}, heldout_shards: 1, on_source_change: fail}}"
+    corpus = f"corpora.shapes={{source: url, url: {shards}, heldout_shards: 1, on_source_change: fail, {TEXTS}}}"
     cfg = load_config(SMOKE, [corpus])
-    made = next(p for p in plan(cfg, str(tmp_path / "s"), env=ENV) if p.name == "corpus").output
-    storage.write_json_atomic(made.manifest_url, make_corpus(cfg.corpus, made.url))  # a completed corpus stage
-    assert not _reruns(tmp_path / "s", corpus) & {"corpus"}
+    made = next(p for p in plan(cfg, str(tmp_path / "s"), env=ENV) if p.name == CORPUS).output
+    storage.write_json_atomic(made.manifest_url, make_corpus(cfg.corpora["shapes"], made.url))  # a completed stage
+    assert not _reruns(tmp_path / "s", corpus) & {CORPUS}
     (shards / "d.tar").write_bytes(b"")
     (shards / "a.tar").write_bytes(b"rewritten")
     with pytest.raises(PlanError, match=r"shards were added: \S+d.tar; rewritten: \S+a.tar\) and "
-                                        r"corpus.on_source_change is fail"):
+                                        r"corpora.shapes.on_source_change is fail"):
         plan(load_config(SMOKE, [corpus]), str(tmp_path / "s"), env=ENV)
-    assert "corpus" in _reruns(tmp_path / "s", corpus.replace("change: fail", "change: recompute"))
+    assert CORPUS in _reruns(tmp_path / "s", corpus.replace("change: fail", "change: recompute"))
 
 
 def test_code_identity_is_the_modules_a_stage_imports(tmp_path):
@@ -233,28 +235,30 @@ def test_a_decoder_finetune_reruns_the_decoding_evaluations_only(tmp_path):
     assert {n for n in base if tuned[n] != base[n]} == {"eval_reconstruction", "eval_generation", "eval_dpg"}
     assert _reruns(tmp_path, FINETUNE, "finetune_decoder.steps=60") == {"finetune_decoder", "eval_reconstruction",
                                                                         "eval_generation", "eval_dpg"}
-    assert _reruns(tmp_path, FINETUNE, "tokenizer.discriminator.start_step=7") == ALL - {"corpus"} | {
+    assert _reruns(tmp_path, FINETUNE, "tokenizer.discriminator.start_step=7") == ALL - {CORPUS} | {
         "finetune_decoder"}  # the fine-tune trains with the pipeline's loss settings
 
 
 def test_a_generation_view_adds_its_own_token_shards(tmp_path):
     cfg = load_config(SMOKE, [VIEW])
     specs = {s.name: s for s in stages(cfg)}
-    assert specs["train_generator"].inputs == ("pretokenize_generation", "train_tokenizer")
-    assert specs["train_understanding"].inputs == ("pretokenize", "train_tokenizer")
+    assert specs["train_generator"].inputs == (VIEW_TOKENS, "train_tokenizer")
+    assert specs["train_understanding"].inputs == (TOKENS, "train_tokenizer")
     base = _complete_all(tmp_path)
-    assert _reruns(tmp_path, VIEW) == {"pretokenize_generation", "train_generator", "eval_generation", "eval_dpg"}
+    assert _reruns(tmp_path, VIEW) == {VIEW_TOKENS, "train_generator", "eval_generation", "eval_dpg"}
     viewed = _complete_all(tmp_path, VIEW)
-    assert set(viewed) == set(base) | {"pretokenize_generation"}
+    assert set(viewed) == set(base) | {VIEW_TOKENS}
     assert {n for n in base if viewed[n] != base[n]} == {"train_generator", "eval_generation", "eval_dpg"}
 
 
 def test_a_config_with_every_optional_stage_has_every_stage_name():
-    from tokenflow.workflow.pipeline import STAGE_NAMES
+    from tokenflow.workflow.pipeline import CORPUS_STAGES, STAGE_NAMES
 
     cfg = load_config(REPO / "configs" / "pipelines" / "tokenflow-b.yaml", ["eval.lmms.tasks=[mme]"])  # opt-in stage
     specs = stages(cfg)
-    assert sorted(s.name for s in specs) == sorted(STAGE_NAMES)
+    names = [s.name for s in specs]
+    assert sorted(n for n in names if "." not in n) == sorted(STAGE_NAMES)
+    assert {n.split(".", 1)[0] for n in names if "." in n} == set(CORPUS_STAGES)
     seen: set[str] = set()
     for spec in specs:  # dependency order: every input comes earlier
         assert set(spec.inputs) <= seen, spec.name
@@ -282,17 +286,17 @@ def test_complete_stages_are_cached_and_partial_runs_need_their_inputs(tmp_path)
     cfg = load_config(SMOKE)
     first = plan(cfg, str(tmp_path), env=ENV)
     assert [p.status for p in first] == ["run"] + ["pending"] * (len(first) - 1)
-    with pytest.raises(PlanError, match="pretokenize needs corpus, train_tokenizer"):
-        plan(cfg, str(tmp_path), only="pretokenize", env=ENV)
-    for name in ("corpus", "train_tokenizer"):  # mark both complete, in order
+    with pytest.raises(PlanError, match="pretokenize.shapes needs corpus.shapes, train_tokenizer"):
+        plan(cfg, str(tmp_path), only=TOKENS, env=ENV)
+    for name in (CORPUS, "train_tokenizer"):  # mark both complete, in order
         output = next(p.output for p in plan(cfg, str(tmp_path), env=ENV) if p.name == name)
         storage.write_json_atomic(output.manifest_url, {"kind": name})
-    partial = {p.name: p.status for p in plan(cfg, str(tmp_path), only="pretokenize", env=ENV)}
-    assert partial["corpus"] == partial["train_tokenizer"] == "cached"
-    assert partial["pretokenize"] == "run" and partial["train_generator"] == "skipped"
-    started = {p.name: p.status for p in plan(cfg, str(tmp_path), start="pretokenize", env=ENV)}
+    partial = {p.name: p.status for p in plan(cfg, str(tmp_path), only=TOKENS, env=ENV)}
+    assert partial[CORPUS] == partial["train_tokenizer"] == "cached"
+    assert partial[TOKENS] == "run" and partial["train_generator"] == "skipped"
+    started = {p.name: p.status for p in plan(cfg, str(tmp_path), start=TOKENS, env=ENV)}
     assert [n for n, s in started.items() if s in ("run", "pending")] == [
-        "pretokenize", "train_generator", "train_understanding", "eval_generation", "eval_dpg", "eval_understanding",
+        TOKENS, "train_generator", "train_understanding", "eval_generation", "eval_dpg", "eval_understanding",
         "eval_pope"]
     assert started["eval_reconstruction"] == "skipped"
     assert "eval_reconstruction" in describe(plan(cfg, str(tmp_path), env=ENV))
@@ -301,11 +305,11 @@ def test_complete_stages_are_cached_and_partial_runs_need_their_inputs(tmp_path)
 def test_downstream_and_output_layout(tmp_path):
     assert downstream(stages(load_config(SMOKE)), {"train_generator"}) == {"train_generator", "eval_generation",
                                                                            "eval_dpg"}
-    out = StageOutput.under(str(tmp_path), "corpus", "ab" * 32)
-    assert out.url.endswith("corpus/" + "ab" * 6) and not out.complete()
+    out = StageOutput.under(str(tmp_path), CORPUS, "ab" * 32)
+    assert out.url.endswith(f"{CORPUS}/" + "ab" * 6) and not out.complete()
     storage.write_json_atomic(out.manifest_url, {"ok": 1})
     assert out.complete() and out.manifest() == {"ok": 1}
-    assert json.loads((tmp_path / "corpus" / ("ab" * 6) / "_MANIFEST.json").read_text()) == {"ok": 1}
+    assert json.loads((tmp_path / CORPUS / ("ab" * 6) / "_MANIFEST.json").read_text()) == {"ok": 1}
 
 
 def test_full_py_validates_the_config_before_any_cluster_work(tmp_path):
@@ -323,20 +327,35 @@ def test_full_py_validates_the_config_before_any_cluster_work(tmp_path):
     assert dpg.returncode == 2 and "eval.dpg: benchmark dpg needs root_url, vqa_model_path" in dpg.stderr
     dry = subprocess.run([sys.executable, "pipelines/full.py", "--config", str(SMOKE), "--storage", str(tmp_path),
                           "--dry-run"], cwd=REPO, capture_output=True, text=True, check=True)
-    assert dry.stdout.count(" run ") + dry.stdout.count(" pending ") == 10 and not (tmp_path / "corpus").exists()
+    assert dry.stdout.count(" run ") + dry.stdout.count(" pending ") == 10 and not (tmp_path / CORPUS).exists()
 
 
-@pytest.mark.parametrize("name,count", [("smoke", 10), ("ci", 10), ("tokenflow-b", 12), ("tokenflow-xl", 11)])
-def test_every_pipeline_config_validates_and_plans(name, count, tmp_path):
-    cfg = load_config(REPO / "configs" / "pipelines" / f"{name}.yaml")
-    if cfg.corpus.source == "url":  # planning lists the corpus' shards: here, local stand-ins
-        for split in ("train", "heldout"):
-            (tmp_path / split).mkdir()
-            (tmp_path / split / "000.tar").write_bytes(b"")
-        cfg = cfg.model_copy(update={"corpus": cfg.corpus.model_copy(
-            update={"url": str(tmp_path / "train"), "heldout_url": str(tmp_path / "heldout")})})
+def _local_stand_ins(cfg, root):
+    """``cfg`` with every indexed corpus read from local stand-ins (planning lists their shards)."""
+    corpora = {}
+    for name, c in cfg.corpora.items():
+        if c.source == "url":
+            (root / name).mkdir()
+            if c.format == "llava":
+                (root / name / "data.json").write_text("[]")
+                c = c.model_copy(update={"url": str(root / name / "data.json")})
+            else:
+                for split in ("train", "heldout"):
+                    (root / name / split).mkdir()
+                    (root / name / split / "000.tar").write_bytes(b"")
+                c = c.model_copy(update={"url": str(root / name / "train"), "heldout_url": str(root / name / "heldout")})
+        corpora[name] = c
+    return cfg.model_copy(update={"corpora": corpora})
+
+
+@pytest.mark.parametrize("name,corpora,count", [("smoke", 1, 10), ("ci", 1, 10), ("tokenflow-b", 5, 18),
+                                                ("tokenflow-xl", 6, 19)])
+def test_every_pipeline_config_validates_and_plans(name, corpora, count, tmp_path):
+    cfg = _local_stand_ins(load_config(REPO / "configs" / "pipelines" / f"{name}.yaml"), tmp_path)
     assert cfg.train_generator is not None and cfg.train_understanding is not None
-    assert [p.status for p in plan(cfg, str(tmp_path), env=ENV)] == ["run"] + ["pending"] * (count - 1)
+    planned = plan(cfg, str(tmp_path / "out"), env=ENV)
+    assert [p.status for p in planned] == ["run"] * corpora + ["pending"] * (count - corpora)
+    assert all(p.name.startswith("corpus.") for p in planned[:corpora])
 
 
 def test_tokenflow_b_understands_at_224_and_generates_at_256():

@@ -2,7 +2,7 @@
 
 Generation: one example per row, its caption the prompt (no caption: the empty prompt, i.e. an
 unconditional example). Understanding: stage 1 pairs every captioned row with the caption
-prompt; stage 2 uses the row's LLaVA-style ``conversations`` (``json`` column), one example per
+prompt (a row without a caption gives its conversation); stage 2 uses the row's LLaVA-style ``conversations`` (``json`` column), one example per
 conversation or, with ``split_turns``, one per question/answer turn. Rows that give a stage no
 example are counted by the caller, never dropped silently.
 """
@@ -69,6 +69,12 @@ def generation_example(sample: TokenSample) -> GenerationExample:
 def caption_examples(sample: TokenSample) -> list[ChatExample]:
     caption = (sample.caption or "").strip()
     return [ChatExample(sample.key, sample.tokens, ((CAPTION_PROMPT, caption),))] if caption else []
+
+
+def align_examples(sample: TokenSample, limits: SampleLimitsConfig = DEFAULT_LIMITS) -> list[ChatExample]:
+    """Alignment (stage 1): the caption example, or for a row without a caption its whole
+    conversation (LLaVA's pretraining data is one-turn conversations)."""
+    return caption_examples(sample) or conversation_examples(sample, False, limits)
 
 
 def conversation_examples(sample: TokenSample, split_turns: bool,

@@ -1,5 +1,6 @@
 """Manifests: the file every stage output writes last (its presence means complete), and the
-corpus manifest (which shards a corpus has, how many samples each, and their digests).
+corpus manifest (which shards a corpus has, how many samples each, their digests, and how they
+are read).
 
 A manifest is plain JSON with sorted keys; its digest (sha256 of the canonical JSON) identifies
 the corpus to every downstream stage.
@@ -8,12 +9,16 @@ the corpus to every downstream stage.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+import io
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from tokenflow import storage
 from tokenflow.config import config_hash
-from tokenflow.data.corpus import shard_format, shard_samples
+from tokenflow.data.corpus import DEFAULT, ReaderOptions, iter_record, shard_format, shard_samples
 
 MANIFEST_NAME = "_MANIFEST.json"
 LEASE_NAME = "_LEASE.json"  # a stage output's lease (tokenflow.workflow.lease) and its .lock: never part of it
@@ -22,7 +27,8 @@ CORPUS_MANIFEST_VERSION = 1
 
 @dataclass(frozen=True)
 class ShardRecord:
-    """One indexed corpus shard."""
+    """One indexed corpus shard and how its corpus is read (``reader``: the manifest's one
+    ``reader`` block, not written per shard; given as a dict it is converted)."""
 
     url: str
     name: str
@@ -31,6 +37,15 @@ class ShardRecord:
     unusable: int  # samples the reader already flags (missing image, duplicate key, ...)
     bytes: int
     sha256: str
+    reader: ReaderOptions = field(default=DEFAULT)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.reader, dict):  # asdict() of a record, e.g. through a Ray Data row
+            object.__setattr__(self, "reader", ReaderOptions(**self.reader))
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """The record as the corpus manifest lists it (without ``reader``)."""
+        return {k: v for k, v in asdict(self).items() if k != "reader"}
 
 
 def file_digest(url: str, chunk: int = 1 << 20) -> tuple[int, str]:
@@ -52,30 +67,50 @@ def directory_digests(url: str) -> dict[str, str]:
             for path in sorted(fs.find(root))}
 
 
-def index_shard(url: str) -> ShardRecord:
-    """Count and digest one shard (one read: the counts and the digest are of the same bytes)."""
+def _digest_parquet(keys: list[str], digests: list[str]) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"key": pa.array(keys, pa.string()), "image_sha256": pa.array(digests, pa.string())}),
+                   sink, compression="zstd")
+    return sink.getvalue()
+
+
+def index_shard(url: str, reader: ReaderOptions = DEFAULT, digests_url: str | None = None) -> ShardRecord:
+    """Count and digest one shard read with ``reader`` (one read: the counts and the digest are
+    of the same bytes); a Parquet shard without a configured column raises :class:`CorpusError`.
+    With ``digests_url``, the sha256 of every sample's image bytes is written there as a Parquet
+    table (``key``, ``image_sha256``; samples with an image), for deduplication across corpora."""
     data = storage.read_bytes(url)
     samples = unusable = 0
-    for sample in shard_samples(url, data):
+    keys, digests = [], []
+    for sample in shard_samples(url, data, reader):
         samples += 1
         unusable += sample.problem is not None
-    return ShardRecord(url=url, name=storage.basename(url), format=shard_format(url),
-                       samples=samples, unusable=unusable, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        if digests_url is not None and sample.problem is None:
+            keys.append(sample.key)
+            digests.append(hashlib.sha256(sample.image).hexdigest())
+    if digests_url is not None:
+        storage.write_bytes_atomic(digests_url, _digest_parquet(keys, digests))
+    return ShardRecord(url=url, name=storage.basename(url), format=shard_format(url), samples=samples,
+                       unusable=unusable, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), reader=reader)
 
 
-def corpus_manifest(splits: dict[str, list[ShardRecord]], source: dict[str, Any]) -> dict[str, Any]:
-    """Assemble a corpus manifest from indexed shards per split (e.g. train, heldout)."""
+def corpus_manifest(splits: dict[str, list[ShardRecord]], source: dict[str, Any],
+                    reader: ReaderOptions = DEFAULT) -> dict[str, Any]:
+    """Assemble a corpus manifest from shards per split (e.g. train, heldout) indexed with ``reader``."""
     for split, records in splits.items():
         names = [r.name for r in records]
         if len(set(names)) != len(names):
             raise ValueError(f"split {split!r}: shard names must be unique (token shards are named after them)")
+        if other := next((r for r in records if r.reader != reader), None):
+            raise ValueError(f"split {split!r}: {other.name} was indexed with other reader options than the corpus's")
     return {
         "kind": "corpus",
         "version": CORPUS_MANIFEST_VERSION,
         "source": source,
+        "reader": asdict(reader),
         "splits": {
             split: {
-                "shards": [asdict(r) for r in records],
+                "shards": [r.manifest_entry() for r in records],
                 "samples": sum(r.samples for r in records),
                 "bytes": sum(r.bytes for r in records),
             }
@@ -94,9 +129,33 @@ def content_digest(manifest: dict[str, Any]) -> str:
     return config_hash({k: v for k, v in manifest.items() if k not in RUN_FIELDS})
 
 
+DIGESTS_DIR = "digests"  # a corpus output's per-shard image digests: digests/<split>/<shard name>.parquet
+
+
+def digests_url(corpus_url: str, split: str, shard_name: str) -> str:
+    """Where the corpus stage writes a shard's per-sample image digests."""
+    return storage.join(corpus_url, DIGESTS_DIR, split, f"{shard_name}.parquet")
+
+
+def sample_digests(corpus_url: str, split: str, record: ShardRecord) -> list[tuple[str, str]]:
+    """``(key, image sha256)`` of the shard's samples with an image, in order: from the corpus
+    stage's digest file, else (a corpus indexed without them) from the shard itself."""
+    url = digests_url(corpus_url, split, record.name)
+    if storage.exists(url):
+        cols = pq.read_table(io.BytesIO(storage.read_bytes(url))).to_pydict()
+        return list(zip(cols["key"], cols["image_sha256"]))
+    return [(s.key, hashlib.sha256(s.image).hexdigest()) for s in iter_record(record) if s.problem is None]
+
+
+def manifest_reader(manifest: dict[str, Any]) -> ReaderOptions:
+    """A corpus manifest's reader options (:data:`DEFAULT` for manifests written before them)."""
+    return ReaderOptions(**manifest["reader"]) if "reader" in manifest else DEFAULT
+
+
 def shard_records(manifest: dict[str, Any], split: str) -> list[ShardRecord]:
-    """The shard records of one split of a corpus manifest."""
+    """The shard records of one split of a corpus manifest, each with the manifest's reader."""
+    reader = manifest_reader(manifest)
     try:
-        return [ShardRecord(**r) for r in manifest["splits"][split]["shards"]]
+        return [ShardRecord(**r, reader=reader) for r in manifest["splits"][split]["shards"]]
     except KeyError as exc:
         raise ValueError(f"corpus manifest has no split {split!r}") from exc

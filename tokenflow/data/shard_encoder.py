@@ -25,7 +25,7 @@ import torch
 
 from tokenflow import storage
 from tokenflow.config import DEFAULT_LIMITS, SampleLimitsConfig, TokenizerView, config_hash
-from tokenflow.data.corpus import RawSample, iter_shard
+from tokenflow.data.corpus import RawSample, iter_record
 from tokenflow.data.decode import DecodeError, decode_image, preprocess, sha256_hex
 from tokenflow.data.manifest import ShardRecord
 from tokenflow.data.token_shards import (QUARANTINE_SCHEMA, TokenShardError, TokenShardInfo,
@@ -169,7 +169,7 @@ class ShardEncoder:
         rows, tokens = _Rows(), []
         with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
             decoding: list[tuple[RawSample, Future]] = []
-            for batch in _batches(iter_shard(record.url, record.sha256), self.batch_size):
+            for batch in _batches(iter_record(record), self.batch_size):
                 next_decoding = [(s, pool.submit(self._decode, s)) for s in batch]
                 tokens.append(self._encode_decoded(decoding, rows))
                 decoding = next_decoding

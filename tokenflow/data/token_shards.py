@@ -133,10 +133,11 @@ def read_shard_info(url: str) -> TokenShardInfo:
     return TokenShardInfo.from_json(metadata[METADATA_KEY])
 
 
-def read_table(url: str) -> pa.Table:
+def read_table(url: str, columns: list[str] | None = None) -> pa.Table:
+    """A token shard's table (only ``columns`` when given)."""
     fs, path = storage.filesystem(url)
     with fs.open(path, "rb") as f:
-        return pq.read_table(f)
+        return pq.read_table(f, columns=columns)
 
 
 @dataclass(frozen=True)

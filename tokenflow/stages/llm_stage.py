@@ -13,13 +13,17 @@ from transformers import PreTrainedTokenizerBase
 from tokenflow import storage
 from tokenflow.config import ConfigError, LanguageModelConfig, TokenFlowConfig, TokenizerView, config_hash
 from tokenflow.data.examples import training_texts
+from tokenflow.data.dedup import Duplicates, find_duplicates, token_shard_digests
 from tokenflow.data.manifest import content_digest, directory_digests, file_digest
+from tokenflow.data.stage_data import StageData
 from tokenflow.data.token_shards import TokenShardError, iter_token_samples
 from tokenflow.models.llm_weights import TEXT_TOKENIZER_DIR, WEIGHTS_NAME, save_text_tokenizer
 from tokenflow.models.text import load_text_tokenizer, train_bpe
 from tokenflow.models.weights import file_sha256
 from tokenflow.stages.stage_run import RunLink, StageRun
+from tokenflow.stages.lineage import drawn, log_mixture
 from tokenflow.stages.training import resolve_use_gpu
+from tokenflow.train.mixture import TokenSource
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +63,18 @@ def prepare_text_tokenizer(cfg: LanguageModelConfig, train_urls: list[str], url:
     return tok
 
 
-def unigram_entropy(urls: list[str], codebook_size: int) -> float:
-    """Entropy (nats) of the token unigram distribution over the given shards: the loss of a
-    model that ignores every input."""
-    counts = np.zeros(codebook_size, dtype=np.int64)
-    for sample in iter_token_samples(urls):
-        counts += np.bincount(sample.tokens, minlength=codebook_size)
-    p = counts[counts > 0] / counts.sum()
+def unigram_entropy(sources: list[TokenSource], codebook_size: int) -> float:
+    """Entropy (nats) of the token unigram distribution of the training mixture (each corpus's
+    frequencies weighted by its share): the loss of a model that ignores every input."""
+    mixed = np.zeros(codebook_size, dtype=np.float64)
+    total_weight = sum(s.weight for s in sources)
+    for source in sources:
+        counts = np.zeros(codebook_size, dtype=np.int64)
+        for sample in iter_token_samples(source.shards):
+            counts += np.bincount(sample.tokens, minlength=codebook_size)
+        if counts.sum():
+            mixed += source.weight / total_weight * counts / counts.sum()
+    p = mixed[mixed > 0] / mixed.sum() if mixed.sum() else mixed[:0]
     return float(-(p * np.log(p)).sum()) if p.size else math.nan
 
 
@@ -78,41 +87,62 @@ def check_view(token_manifest: dict[str, Any], token_url: str, view: TokenizerVi
                               f"the stage needs {wanted} (pretokenize_generation makes the generator's)")
 
 
-def open_llm_stage(cfg: TokenFlowConfig, stage: str, token_manifest: dict[str, Any], token_url: str,
-                   tokenizer_url: str, out_url: str, link: RunLink | None,
-                   view: TokenizerView | None = None) -> StageRun:
-    """Check the inputs (made by this tokenizer, at ``view``) and return the stage's run, to be
-    entered (``with``) around the training."""
+def open_llm_stage(cfg: TokenFlowConfig, stage: str, data: list[StageData], tokenizer_url: str, out_url: str,
+                   link: RunLink | None, view: TokenizerView | None = None) -> StageRun:
+    """Check the inputs (every corpus's token shards made by this tokenizer, at ``view``) and
+    return the stage's run, to be entered (``with``) around the training."""
     if getattr(cfg, stage) is None:
         raise ConfigError(f"the config has no {stage} section")
-    check_view(token_manifest, token_url, view)
-    inputs = {"token_manifest": content_digest(token_manifest),
-              "tokenizer": check_tokenizer(token_manifest, tokenizer_url)}
+    inputs = {}
+    for d in data:
+        check_view(d.manifest, d.url, view)
+        inputs[f"tokens.{d.corpus}"] = content_digest(d.manifest)
+        inputs["tokenizer"] = check_tokenizer(d.manifest, tokenizer_url)
     return StageRun(cfg, stage, {stage}, out_url, inputs, link, _DESCRIPTIONS[stage])
 
 
-def llm_job_fields(cfg: TokenFlowConfig, stage: str, run: StageRun, token_manifest: dict[str, Any],
-                   token_url: str, tokenizer_url: str, out_url: str) -> dict[str, Any]:
-    """Prepare the text tokenizer in the export directory and return the fields of
-    :class:`~tokenflow.train.jobs.LLMJob` every LLM worker reads."""
+def token_sources(data: list[StageData], split: str, dedup: Duplicates | None = None) -> list[TokenSource]:
+    """Each corpus's token shards of ``split`` as a mixture source, without ``dedup``'s dropped rows."""
+    dropped = dedup.dropped if dedup is not None else {}
+    return [TokenSource(d.corpus, d.weight, token_shard_urls(d.manifest, d.url, split), dropped.get(d.corpus, {}))
+            for d in data]
+
+
+def mixture_sources(run: StageRun, data: list[StageData],
+                    phase: str = "") -> tuple[list[TokenSource], list[dict[str, Any]]]:
+    """The training mixture of ``data`` (duplicates across its corpora dropped) and its lineage
+    table (each corpus's token shards, digest, weight, rows and duplicates), logged on ``run``."""
+    dedup = find_duplicates([(s.corpus, s.shards) for s in token_sources(data, "train")], token_shard_digests)
+    return token_sources(data, "train", dedup), log_mixture(run, data, dedup, phase)
+
+
+def llm_job_fields(cfg: TokenFlowConfig, stage: str, run: StageRun, data: list[StageData], tokenizer_url: str,
+                   out_url: str, train: list[TokenSource], texts: list[TokenSource] = ()) -> dict[str, Any]:
+    """Prepare the text tokenizer (trained on the texts of ``train`` and ``texts``) in the export
+    directory and return the fields of :class:`~tokenflow.train.jobs.LLMJob` every LLM worker
+    reads (``train``: the mixture; the held-out split: every corpus of ``data``)."""
     t = getattr(cfg, stage)
-    train_urls = token_shard_urls(token_manifest, token_url, "train")
     export_dir = storage.join(out_url, EXPORT_DIR)
     text_tokenizer_url = storage.join(export_dir, TEXT_TOKENIZER_DIR)
-    prepare_text_tokenizer(t.language_model, train_urls, text_tokenizer_url)
+    urls = list(dict.fromkeys(u for s in [*train, *texts] for u in s.shards))
+    prepare_text_tokenizer(t.language_model, urls, text_tokenizer_url)
     return {"config": cfg, "use_gpu": resolve_use_gpu(t.use_gpu), "tracking_uri": run.tracking_uri,
-            "mlflow_run_id": run.run_id, "train_urls": train_urls,
-            "heldout_urls": token_shard_urls(token_manifest, token_url, "heldout"), "tokenizer_url": tokenizer_url,
-            "token_scales": token_manifest["scales"], "text_tokenizer_url": text_tokenizer_url,
-            "export_dir": export_dir}
+            "mlflow_run_id": run.run_id, "train": train,
+            "heldout_urls": [u for s in token_sources(data, "heldout") for u in s.shards],
+            "tokenizer_url": tokenizer_url, "token_scales": data[0].manifest["scales"],
+            "text_tokenizer_url": text_tokenizer_url, "export_dir": export_dir}
 
 
-def finish_llm_stage(run: StageRun, out_url: str, steps: int, kind: str) -> dict[str, Any]:
-    """Tag the export's digest on the run and finish it (the stage manifest written last)."""
+def finish_llm_stage(run: StageRun, out_url: str, steps: int, kind: str,
+                     data: dict[str, tuple[list[dict[str, Any]], str]]) -> dict[str, Any]:
+    """Tag the export's digest on the run and finish it (the stage manifest, with each phase's
+    mixture table and the samples drawn per corpus, written last). ``data``: phase -> (its
+    mixture table, the prefix of its metrics)."""
     size, sha = file_digest(storage.join(out_url, EXPORT_DIR, WEIGHTS_NAME))
     text_digest = config_hash(directory_digests(storage.join(out_url, EXPORT_DIR, TEXT_TOKENIZER_DIR)))
     run.tag("tokenflow.model_sha256", sha)
     run.register_model(storage.join(out_url, EXPORT_DIR), WEIGHTS_NAME, sha)
     return run.finish({"kind": kind, "model": {"path": f"{EXPORT_DIR}/{WEIGHTS_NAME}", "bytes": size, "sha256": sha},
                        "text_tokenizer": {"path": f"{EXPORT_DIR}/{TEXT_TOKENIZER_DIR}", "digest": text_digest},
-                       "steps": steps})
+                       "steps": steps,
+                       "data": {phase: drawn(run, table, prefix) for phase, (table, prefix) in data.items()}})

@@ -22,7 +22,7 @@ from tokenflow.models.llm_weights import WEIGHTS_NAME, generator_meta
 from tokenflow.models.sampling import sample_tokens
 from tokenflow.models.text import IMAGE_END, IMAGE_START, generation_prompt
 from tokenflow.seeding import seed_for
-from tokenflow.train.harness import Tracker, join_worker_group
+from tokenflow.train.harness import Tracker, join_worker_group, mixture_values
 from tokenflow.train.jobs import GeneratorJob
 from tokenflow.train.llm_common import (engine_for, example_stream, export_llm, first_examples, load_llm_parts,
                                         special_id)
@@ -59,7 +59,7 @@ class GeneratorTask:
 
     def __init__(self, job: GeneratorJob, rank: int, world: int, device: torch.device, tracker: Tracker):
         self.t = t = job.config.train_generator
-        self.job, self.rank, self.device, self.tracker = job, rank, device, tracker
+        self.job, self.rank, self.world, self.device, self.tracker = job, rank, world, device, tracker
         tok, self.codebook, self.lm = load_llm_parts(job, t)
         self.model = NextScaleGenerator(self.lm, self.codebook, special_id(tok, IMAGE_START),
                                         special_id(tok, IMAGE_END), t.qk_norm).to(device)
@@ -68,7 +68,7 @@ class GeneratorTask:
         self.engines = {"generator": self.engine}
         self.rates = {"image_tokens_per_s": float(self.codebook.num_tokens)}
         self.prompts = _Prompts(tok, t.language_model.max_text_tokens)
-        self.stream = example_stream(job.train_urls, _expand, rank, world, t.seed)
+        self.stream = example_stream(job.train, _expand, rank, world, t.seed)
         self.heldout = first_examples(job.heldout_urls, _expand, t.heldout_samples)
         if not self.heldout:
             raise ValueError("the held-out token shards hold no samples")
@@ -77,7 +77,7 @@ class GeneratorTask:
 
     def micro_step(self, step: int, micro: int) -> dict[str, float]:
         t = self.t
-        examples = [self.stream.next()[1] for _ in range(t.micro_batch_size)]
+        examples = [self.stream.next()[2] for _ in range(t.micro_batch_size)]
         drop = torch.rand(len(examples), generator=torch.Generator().manual_seed(
             seed_for(t.seed, step, self.rank, micro))) < t.cond_drop_prob
         captions = ["" if d else e.caption for e, d in zip(examples, drop.tolist())]
@@ -90,7 +90,7 @@ class GeneratorTask:
 
     def log_values(self) -> dict[str, float]:
         return {"unconditional_examples": float(self.unconditional),
-                "truncated_prompts": float(self.prompts.truncated)}
+                "truncated_prompts": float(self.prompts.truncated), **mixture_values(self.stream.counts, self.world)}
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Held-out token loss (overall and per scale) and, on rank 0, a grid of samples."""

@@ -62,6 +62,15 @@ def all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, floa
     return {k: float(v) / world_size for k, v in zip(keys, t.cpu())}
 
 
+def mixture_values(counts: dict[str, int], world_size: int) -> dict[str, float]:
+    """Samples drawn per corpus by all workers together (``data/<corpus>/examples``) and each
+    corpus's realised share (``data/<corpus>/share``), from this worker's ``counts`` (collective)."""
+    totals = {c: n * world_size for c, n in all_reduce_mean({c: float(n) for c, n in counts.items()}, world_size).items()}
+    drawn = sum(totals.values())
+    return {**{f"data/{c}/examples": round(n) for c, n in totals.items()},
+            **{f"data/{c}/share": n / drawn if drawn else 0.0 for c, n in totals.items()}}
+
+
 class Tracker:
     """Rank 0's MLflow logging into the stage's run (a no-op on other ranks), and each node's
     system metrics."""

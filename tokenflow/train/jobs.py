@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from tokenflow.config import TokenFlowConfig
 from tokenflow.data.manifest import ShardRecord
+from tokenflow.train.mixture import MixtureSource, TokenSource
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class TokenizerJob(WorkerJob):
     """``train_tokenizer``, or the decoder-only ``finetune_decoder`` of the export at ``init_url``."""
 
     section: str  # "train_tokenizer" | "finetune_decoder"
-    train_shards: list[ShardRecord]
+    train: list[MixtureSource[ShardRecord]]  # the corpora's training shards, mixed by weight
     heldout_shards: list[ShardRecord]
     export_url: str
     quarantine_url: str
@@ -39,7 +40,7 @@ class LLMJob(WorkerJob):
     """What both LLM stages' workers read: token shards, the tokenizer export that made them (at
     the shards' scales), the stage's text tokenizer and where the export goes."""
 
-    train_urls: list[str]
+    train: list[TokenSource]  # the corpora's training token shards, mixed by weight
     heldout_urls: list[str]
     tokenizer_url: str
     token_scales: list[int]

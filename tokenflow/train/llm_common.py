@@ -18,7 +18,7 @@ from tokenflow.models.quantizer import CodebookFeatures
 from tokenflow.train.engines import deepspeed_config, make_engine
 from tokenflow.train.harness import gathered_state_dict
 from tokenflow.train.jobs import LLMJob
-from tokenflow.train.sharded_stream import ShardedStream
+from tokenflow.train.mixture import MixtureStream, TokenSource, mixture_stream
 
 E = TypeVar("E")
 
@@ -42,13 +42,11 @@ def load_llm_parts(job: LLMJob, t: TrainGeneratorConfig | TrainUnderstandingConf
     return tok, codebook, build_language_model(t.language_model, len(tok))
 
 
-def example_stream(urls: list[str], expand: Callable[[TokenSample], list[E]], rank: int, world: int,
-                   seed: int) -> ShardedStream[E]:
-    """A resumable rank-sharded stream of the examples ``expand`` makes from each row."""
-    def read(i: int) -> list[E]:
-        return [e for sample in iter_token_samples([urls[i]]) for e in expand(sample)]
-
-    return ShardedStream(len(urls), read, rank, world, seed)
+def example_stream(sources: list[TokenSource], expand: Callable[[TokenSample], list[E]], rank: int, world: int,
+                   seed: int) -> MixtureStream[E]:
+    """A resumable rank-sharded stream of the examples ``expand`` makes from each row of the
+    mixture ``sources`` (rows deduplication dropped left out)."""
+    return mixture_stream(sources, lambda url: iter_token_samples([url]), expand, rank, world, seed)
 
 
 def first_examples(urls: list[str], expand: Callable[[TokenSample], list[E]], count: int) -> list[E]:

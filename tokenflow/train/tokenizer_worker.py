@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from tokenflow import storage
 from tokenflow.config import SampleLimitsConfig
-from tokenflow.data.corpus import iter_shard
+from tokenflow.data.corpus import iter_record
 from tokenflow.data.decode import DecodeError, decode_image, preprocess
 from tokenflow.data.manifest import ShardRecord
 from tokenflow.eval.image_metrics import mean_color_baseline, psnr
@@ -35,7 +35,7 @@ from tokenflow.models.losses import TokenizerLoss
 from tokenflow.models.tokenizer import TokenFlowTokenizer
 from tokenflow.seeding import seed_for
 from tokenflow.train.engines import deepspeed_config, make_engine
-from tokenflow.train.harness import Tracker, join_worker_group
+from tokenflow.train.harness import Tracker, join_worker_group, mixture_values
 from tokenflow.train.image_stream import ImageStream, QuarantinedSample
 from tokenflow.train.jobs import TokenizerJob
 from tokenflow.train.loop import Schedule, run_loop
@@ -48,7 +48,7 @@ def heldout_images(records: list[ShardRecord], count: int, image_size: int,
     """The first ``count`` decodable held-out images, centre-cropped: the same on every rank."""
     images = []
     for record in records:
-        for sample in iter_shard(record.url, record.sha256):
+        for sample in iter_record(record):
             if sample.problem is None:
                 try:
                     images.append(preprocess(decode_image(sample.image, limits), image_size))
@@ -101,7 +101,8 @@ class TokenizerTask:
         self.engines = {"generator": self.gen, "discriminator": self.dis}
         self.rates: dict[str, float] = {}
         limits = cfg.limits
-        self.stream = ImageStream(job.train_shards, rank, world, t.seed, tok.image_size, t.augment.min_scale, limits)
+        self.stream = ImageStream(job.train, rank, world, t.seed, tok.image_size, t.augment.min_scale, limits)
+        self.world = world
         self.heldout = heldout_images(job.heldout_shards, t.heldout_images, tok.image_size, limits).to(device)
         self.baseline_psnr = float(psnr(mean_color_baseline(self.heldout), self.heldout).mean())
 
@@ -132,7 +133,7 @@ class TokenizerTask:
     def log_values(self) -> dict[str, float]:
         usage, perplexity = global_usage(self.model)
         return {"codebook/usage": usage, "codebook/perplexity": perplexity,
-                "quarantined": float(len(self.stream.quarantined))}
+                "quarantined": float(len(self.stream.quarantined)), **mixture_values(self.stream.stream.counts, self.world)}
 
     def evaluate(self, step: int) -> dict[str, float]:
         from tokenflow.viz import save_image_grid

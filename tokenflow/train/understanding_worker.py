@@ -16,11 +16,11 @@ from typing import Any
 import torch
 
 from tokenflow import storage
-from tokenflow.data.examples import ChatExample, caption_examples, conversation_examples, yes_no_turns
+from tokenflow.data.examples import ChatExample, align_examples, conversation_examples, yes_no_turns
 from tokenflow.eval.mme import parse_answer
 from tokenflow.models.llm_weights import WEIGHTS_NAME, read_weights
 from tokenflow.models.understanding import UnderstandingModel, chat_batch
-from tokenflow.train.harness import Tracker, join_worker_group
+from tokenflow.train.harness import Tracker, join_worker_group, mixture_values
 from tokenflow.train.jobs import UnderstandingJob
 from tokenflow.train.llm_common import engine_for, example_stream, export_llm, first_examples, load_llm_parts
 from tokenflow.train.loop import Schedule, run_loop
@@ -74,15 +74,16 @@ class UnderstandingTask:
         self.engine = engine_for(self.model, t, trainable, lr, self.steps)
         self.engines = {"model": self.engine}
         self.rates: dict[str, float] = {}
-        expand = caption_examples if self.align else partial(conversation_examples, split_turns=t.split_turns,
-                                                             limits=job.config.limits)
-        self.stream = example_stream(job.train_urls, expand, rank, world, t.seed)
+        expand = (partial(align_examples, limits=job.config.limits) if self.align else
+                  partial(conversation_examples, split_turns=t.split_turns, limits=job.config.limits))
+        self.stream = example_stream(job.train, expand, rank, world, t.seed)
+        self.world = world
         self.probes = [(e.tokens, q, a) for e in first_examples(job.heldout_urls, _probe_examples,
                                                                  t.heldout_questions) for q, a in e.turns]
 
     def micro_step(self, step: int, micro: int) -> dict[str, float]:
         t = self.t
-        examples = [self.stream.next()[1] for _ in range(t.micro_batch_size)]
+        examples = [self.stream.next()[2] for _ in range(t.micro_batch_size)]
         tokens = torch.stack([torch.from_numpy(e.tokens) for e in examples]).to(self.device)
         chat = chat_batch(self.tok, [e.turns for e in examples], t.language_model.max_text_tokens)
         loss = self.engine(tokens, type(chat)(*(x.to(self.device) for x in chat)))
@@ -91,7 +92,7 @@ class UnderstandingTask:
         return {"loss/answer": float(loss.detach())}
 
     def log_values(self) -> dict[str, float]:
-        return {}
+        return mixture_values(self.stream.counts, self.world)
 
     def evaluate(self, step: int) -> dict[str, float]:
         t = self.t

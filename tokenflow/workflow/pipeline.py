@@ -1,17 +1,21 @@
 """The stage DAG of ``pipelines/full.py``: what each stage reads, needs and runs.
 
-    corpus ──► train_tokenizer ──► [finetune_decoder] ──► eval_reconstruction
-       │              │
-       ├────────► pretokenize ──────────────► train_understanding ──► eval_understanding, eval_pope,
-       │                                                              [eval_understanding_lmms]
-       └────────► [pretokenize_generation] ─► train_generator ──► eval_generation, eval_dpg
+    corpus.<c> ──► train_tokenizer ──► [finetune_decoder] ──► eval_reconstruction
+       │                  │
+       ├──────► pretokenize.<c> ─────────────► train_understanding ──► eval_understanding, eval_pope,
+       │                                                                [eval_understanding_lmms]
+       └──────► [pretokenize_generation.<c>] ─► train_generator ──► eval_generation, eval_dpg
 
-Bracketed stages exist only when configured: ``finetune_decoder`` (the reference's decoder-only
-second phase) when its section is set, and then every decoding evaluation uses its export;
-``pretokenize_generation`` when ``train_generator.tokenizer_view`` tokenizes the generator's
-corpus at another resolution (TokenFlow-B at 256 px), else the generator reads ``pretokenize``.
-The LLM stages and their evaluations exist when their sections are set;
-``eval_understanding_lmms`` when ``eval.lmms.tasks`` names lmms-eval tasks.
+Every corpus a stage uses (``corpora``, named by each training section's ``data`` and by
+``eval.corpus``) is its own ``corpus.<c>`` stage, and is pre-tokenized once per tokenizer view
+(``pretokenize.<c>``), shared by every LLM stage that trains on it: adding a corpus to a mixture
+runs only that corpus's stages again. Bracketed stages exist only when configured:
+``finetune_decoder`` (the reference's decoder-only second phase) when its section is set, and then
+every decoding evaluation uses its export; ``pretokenize_generation.<c>`` when
+``train_generator.tokenizer_view`` tokenizes the generator's corpora at another resolution
+(TokenFlow-B at 256 px), else the generator reads ``pretokenize.<c>``. The LLM stages and their
+evaluations exist when their sections are set; ``eval_understanding_lmms`` when ``eval.lmms.tasks``
+names lmms-eval tasks.
 """
 
 from __future__ import annotations
@@ -22,15 +26,17 @@ from typing import Any, Callable
 
 from tokenflow import storage
 from tokenflow.config import TokenFlowConfig, config_hash
+from tokenflow.data.stage_data import StageData
 from tokenflow.stages.stage_run import RunLink
 from tokenflow.workflow.durable import StageOutput
 
 Inputs = dict[str, StageOutput]
 Runner = Callable[[TokenFlowConfig, Inputs, str, RunLink], dict[str, Any]]
 
-STAGE_NAMES = ("corpus", "train_tokenizer", "finetune_decoder", "eval_reconstruction", "pretokenize",
-               "pretokenize_generation", "train_generator", "train_understanding", "eval_generation",
-               "eval_dpg", "eval_understanding", "eval_pope", "eval_understanding_lmms")
+STAGE_NAMES = ("train_tokenizer", "finetune_decoder", "eval_reconstruction", "train_generator",
+               "train_understanding", "eval_generation", "eval_dpg", "eval_understanding", "eval_pope",
+               "eval_understanding_lmms")
+CORPUS_STAGES = ("corpus", "pretokenize", "pretokenize_generation")  # one stage per corpus: <kind>.<corpus>
 
 MODEL_LIBRARIES = ("torch", "transformers", "open_clip_torch")
 TRAINING_LIBRARIES = MODEL_LIBRARIES + ("deepspeed",)
@@ -67,6 +73,11 @@ def _manifest(inputs: Inputs, name: str) -> dict[str, Any]:
     return inputs[name].manifest()
 
 
+def corpus_stage(kind: str, corpus: str) -> str:
+    """The name of a per-corpus stage: ``corpus.<c>``, ``pretokenize.<c>``, ``pretokenize_generation.<c>``."""
+    return f"{kind}.{corpus}"
+
+
 def _tokenizer_url(inputs: Inputs, stage: str = "train_tokenizer") -> str:
     """The tokenizer export of ``stage`` (train_tokenizer or finetune_decoder)."""
     return storage.join(inputs[stage].url, _manifest(inputs, stage)["tokenizer"]["path"])
@@ -76,54 +87,65 @@ def _model_dir(inputs: Inputs, stage: str) -> str:
     return storage.join(inputs[stage].url, _manifest(inputs, stage)["model"]["path"].rsplit("/", 1)[0])
 
 
-def _corpus_sources(cfg: TokenFlowConfig) -> dict[str, str]:
-    """An indexed corpus' shards, by size and version (a shapes corpus is made from the config)."""
-    from tokenflow.data.corpus import corpus_listing
-
-    c = cfg.corpus
-    if c.source == "shapes":
-        return {}
-    return {"source_shards": config_hash(corpus_listing([u for u in (c.url, c.heldout_url) if u]))}
+def _data(cfg: TokenFlowConfig, inputs: Inputs, section: str, kind: str) -> list[StageData]:
+    """The mixture of ``section`` (a training section, or ``train_understanding.align``): each
+    corpus's weight and its ``kind`` stage's output."""
+    return [StageData(e.corpus, e.weight, _manifest(inputs, corpus_stage(kind, e.corpus)),
+                      inputs[corpus_stage(kind, e.corpus)].url) for e in cfg.stage_data(section)]
 
 
-def _corpus(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink) -> dict[str, Any]:
+def _eval_corpus(cfg: TokenFlowConfig, inputs: Inputs) -> dict[str, Any]:
+    return _manifest(inputs, corpus_stage("corpus", cfg.eval_corpus))
+
+
+def _corpus_sources(cfg: TokenFlowConfig, name: str) -> dict[str, str]:
+    """An indexed corpus' shards (or LLaVA JSON), by size and version (a shapes corpus is made from
+    the config)."""
+    from tokenflow.stages.corpus import source_listing
+
+    c = cfg.corpora[name]
+    return {} if c.source == "shapes" else {"source_shards": config_hash(source_listing(c))}
+
+
+def _corpus(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink, name: str) -> dict[str, Any]:
     from tokenflow.stages.corpus import run_corpus
 
-    return run_corpus(cfg, out, link)
+    return run_corpus(cfg, name, out, link)
 
 
 def _train_tokenizer(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink) -> dict[str, Any]:
     from tokenflow.stages.train_tokenizer import run_train_tokenizer
 
-    return run_train_tokenizer(cfg, _manifest(inputs, "corpus"), out, link)
+    return run_train_tokenizer(cfg, _data(cfg, inputs, "train_tokenizer", "corpus"), out, link)
 
 
 def _finetune_decoder(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink) -> dict[str, Any]:
     from tokenflow.stages.train_tokenizer import run_finetune_decoder
 
-    return run_finetune_decoder(cfg, _manifest(inputs, "corpus"), _tokenizer_url(inputs),
+    return run_finetune_decoder(cfg, _data(cfg, inputs, "finetune_decoder", "corpus"), _tokenizer_url(inputs),
                                 _manifest(inputs, "train_tokenizer")["tokenizer"]["sha256"], out, link)
 
 
-def _pretokenize(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink,
+def _pretokenize(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink, name: str,
                  for_generation: bool = False) -> dict[str, Any]:
     from tokenflow.stages.pretokenize import run_pretokenize
 
-    stage, view = ("pretokenize_generation", cfg.generation_view) if for_generation else ("pretokenize", None)
-    return run_pretokenize(cfg, stage, _manifest(inputs, "corpus"), _tokenizer_url(inputs), out, view, link)
+    kind, view = ("pretokenize_generation", cfg.generation_view) if for_generation else ("pretokenize", None)
+    return run_pretokenize(cfg, corpus_stage(kind, name), _manifest(inputs, corpus_stage("corpus", name)),
+                           _tokenizer_url(inputs), out, view, link)
 
 
-def _train_generator(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink,
-                     tokens: str = "pretokenize") -> dict[str, Any]:
+def _train_generator(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink, tokens: str) -> dict[str, Any]:
     from tokenflow.stages.train_generator import run_train_generator
 
-    return run_train_generator(cfg, _manifest(inputs, tokens), inputs[tokens].url, _tokenizer_url(inputs), out, link)
+    return run_train_generator(cfg, _data(cfg, inputs, "train_generator", tokens), _tokenizer_url(inputs), out, link)
 
 
 def _train_understanding(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink) -> dict[str, Any]:
     from tokenflow.stages.train_understanding import run_train_understanding
 
-    return run_train_understanding(cfg, _manifest(inputs, "pretokenize"), inputs["pretokenize"].url,
+    return run_train_understanding(cfg, _data(cfg, inputs, "train_understanding.align", "pretokenize"),
+                                   _data(cfg, inputs, "train_understanding", "pretokenize"),
                                    _tokenizer_url(inputs), out, link)
 
 
@@ -131,14 +153,14 @@ def _eval_reconstruction(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: R
                          decoder: str = "train_tokenizer") -> dict[str, Any]:
     from tokenflow.stages.eval_reconstruction import run_eval_reconstruction
 
-    return run_eval_reconstruction(cfg, _manifest(inputs, "corpus"), _tokenizer_url(inputs, decoder), out, link)
+    return run_eval_reconstruction(cfg, _eval_corpus(cfg, inputs), _tokenizer_url(inputs, decoder), out, link)
 
 
 def _eval_generation(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink,
                      decoder: str = "train_tokenizer") -> dict[str, Any]:
     from tokenflow.stages.eval_generation import run_eval_generation
 
-    return run_eval_generation(cfg, _manifest(inputs, "corpus"), _model_dir(inputs, "train_generator"),
+    return run_eval_generation(cfg, _eval_corpus(cfg, inputs), _model_dir(inputs, "train_generator"),
                                _tokenizer_url(inputs, decoder), out, link)
 
 
@@ -146,21 +168,21 @@ def _eval_dpg(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink,
               decoder: str = "train_tokenizer") -> dict[str, Any]:
     from tokenflow.stages.eval_dpg import run_eval_dpg
 
-    return run_eval_dpg(cfg, _manifest(inputs, "corpus"), _model_dir(inputs, "train_generator"),
+    return run_eval_dpg(cfg, _eval_corpus(cfg, inputs), _model_dir(inputs, "train_generator"),
                         _tokenizer_url(inputs, decoder), out, link)
 
 
 def _eval_understanding(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink) -> dict[str, Any]:
     from tokenflow.stages.eval_understanding import run_eval_understanding
 
-    return run_eval_understanding(cfg, _manifest(inputs, "corpus"), _model_dir(inputs, "train_understanding"),
+    return run_eval_understanding(cfg, _eval_corpus(cfg, inputs), _model_dir(inputs, "train_understanding"),
                                   _tokenizer_url(inputs), out, link)
 
 
 def _eval_pope(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink) -> dict[str, Any]:
     from tokenflow.stages.eval_pope import run_eval_pope
 
-    return run_eval_pope(cfg, _manifest(inputs, "corpus"), _model_dir(inputs, "train_understanding"),
+    return run_eval_pope(cfg, _eval_corpus(cfg, inputs), _model_dir(inputs, "train_understanding"),
                          _tokenizer_url(inputs), out, link)
 
 
@@ -181,64 +203,98 @@ def _lmms_sources(cfg: TokenFlowConfig) -> dict[str, str]:
 
 
 _STAGES = "tokenflow.stages."
+_PRETOKENIZE_EXCLUDED = tuple(f"pretokenize.{k}" for k in (
+    "batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor", "max_actor_restarts", "max_task_retries",
+    "max_attempts", "retry_wait_s"))
+
+
+def _corpora_used(cfg: TokenFlowConfig) -> list[str]:
+    """Every corpus a stage reads, in first-use order (the tokenizer's first)."""
+    names = [e.corpus for s in cfg.training_sections for e in cfg.stage_data(s)]
+    if cfg.train_understanding is not None:
+        names += [e.corpus for e in cfg.stage_data("train_understanding.align")]
+    return list(dict.fromkeys(names + [cfg.eval_corpus]))
+
+
+def _corpus_specs(cfg: TokenFlowConfig) -> list[StageSpec]:
+    """``corpus.<c>`` for every corpus used, ``pretokenize.<c>`` for the LLM stages' corpora at the
+    tokenizer as trained and ``pretokenize_generation.<c>`` for the generator's at its view."""
+    specs = []
+    for name in _corpora_used(cfg):
+        stage = corpus_stage("corpus", name)
+        specs.append(StageSpec(stage, (), (f"corpora.{name}",), _STAGES + "corpus", partial(_corpus, name=name),
+                               (f"corpora.{name}.on_source_change",), libraries=CORPUS_LIBRARIES,
+                               sources=partial(_corpus_sources, name=name)))
+    for name in cfg.token_corpora:
+        specs.append(StageSpec(corpus_stage("pretokenize", name), (corpus_stage("corpus", name), "train_tokenizer"),
+                               ("pretokenize", "limits"), _STAGES + "pretokenize", partial(_pretokenize, name=name),
+                               _PRETOKENIZE_EXCLUDED, "pretokenize"))
+    if cfg.generation_view is not None:
+        for e in cfg.stage_data("train_generator"):
+            specs.append(StageSpec(corpus_stage("pretokenize_generation", e.corpus),
+                                   (corpus_stage("corpus", e.corpus), "train_tokenizer"),
+                                   ("pretokenize", "train_generator.tokenizer_view", "limits"), _STAGES + "pretokenize",
+                                   partial(_pretokenize, name=e.corpus, for_generation=True), _PRETOKENIZE_EXCLUDED,
+                                   "pretokenize"))
+    return specs
+
+
+def _stage_inputs(cfg: TokenFlowConfig, section: str, kind: str) -> tuple[str, ...]:
+    return tuple(corpus_stage(kind, e.corpus) for e in cfg.stage_data(section))
 
 
 def stages(cfg: TokenFlowConfig) -> tuple[StageSpec, ...]:
     """The DAG ``cfg`` asks for, in dependency order (every stage after its inputs)."""
     decoder = "finetune_decoder" if cfg.finetune_decoder is not None else "train_tokenizer"
-    decoding = ("corpus", "train_tokenizer") + ((decoder,) if decoder != "train_tokenizer" else ())
+    eval_corpus = corpus_stage("corpus", cfg.eval_corpus)
+    decoding = (eval_corpus, "train_tokenizer") + ((decoder,) if decoder != "train_tokenizer" else ())
     tokenizer_excluded = ("image_every", "heldout_images")
-    specs = [StageSpec("corpus", (), ("corpus",), _STAGES + "corpus", _corpus, ("corpus.on_source_change",),
-                       libraries=CORPUS_LIBRARIES, sources=_corpus_sources),
-             StageSpec("train_tokenizer", ("corpus",), ("tokenizer", "train_tokenizer", "limits"),
-                       _STAGES + "train_tokenizer", _train_tokenizer, _excluded("train_tokenizer", *tokenizer_excluded),
-                       "train_tokenizer", TRAINING_LIBRARIES)]
+    corpus_specs = _corpus_specs(cfg)
+    # The data's weights and names are part of a training stage's identity (its ``data`` field).
+    specs = [s for s in corpus_specs if s.name.startswith("corpus.")]
+    specs.append(StageSpec("train_tokenizer", _stage_inputs(cfg, "train_tokenizer", "corpus"),
+                           ("tokenizer", "train_tokenizer", "limits"), _STAGES + "train_tokenizer", _train_tokenizer,
+                           _excluded("train_tokenizer", *tokenizer_excluded), "train_tokenizer", TRAINING_LIBRARIES))
     if cfg.finetune_decoder is not None:  # built from the trained export with the pipeline's loss settings
-        specs.append(StageSpec("finetune_decoder", ("corpus", "train_tokenizer"),
+        specs.append(StageSpec("finetune_decoder", _stage_inputs(cfg, "finetune_decoder", "corpus") + ("train_tokenizer",),
                                ("finetune_decoder", "tokenizer.perceptual", "tokenizer.discriminator",
                                 "tokenizer.loss_weights", "limits"), _STAGES + "train_tokenizer", _finetune_decoder,
                                _excluded("finetune_decoder", *tokenizer_excluded), "finetune_decoder",
                                TRAINING_LIBRARIES))
-    pretokenize_excluded = tuple(f"pretokenize.{k}" for k in ("batch_size", "num_actors", "cpus_per_actor",
-                                                              "gpus_per_actor", "max_actor_restarts",
-                                                              "max_task_retries", "max_attempts",
-                                                              "retry_wait_s"))
-    specs += [StageSpec("eval_reconstruction", decoding, ("eval.reconstruction", "eval.seed", "limits"),
-                        _STAGES + "eval_reconstruction", partial(_eval_reconstruction, decoder=decoder), device="eval"),
-              StageSpec("pretokenize", ("corpus", "train_tokenizer"), ("pretokenize", "limits"),
-                        _STAGES + "pretokenize", _pretokenize, pretokenize_excluded, "pretokenize")]
+    specs.append(StageSpec("eval_reconstruction", decoding, ("eval.reconstruction", "eval.seed", "eval.corpus", "limits"),
+                           _STAGES + "eval_reconstruction", partial(_eval_reconstruction, decoder=decoder),
+                           device="eval"))
+    specs += [s for s in corpus_specs if not s.name.startswith("corpus.")]
     gen = cfg.train_generator
     if gen is not None:
-        tokens = "pretokenize"
-        if cfg.generation_view is not None:
-            tokens = "pretokenize_generation"
-            specs.append(StageSpec(tokens, ("corpus", "train_tokenizer"),
-                                   ("pretokenize", "train_generator.tokenizer_view", "limits"), _STAGES + "pretokenize",
-                                   partial(_pretokenize, for_generation=True), pretokenize_excluded, "pretokenize"))
-        specs.append(StageSpec("train_generator", (tokens, "train_tokenizer"), ("train_generator", "limits"),
-                               _STAGES + "train_generator", partial(_train_generator, tokens=tokens),
+        tokens = "pretokenize_generation" if cfg.generation_view is not None else "pretokenize"
+        specs.append(StageSpec("train_generator", _stage_inputs(cfg, "train_generator", tokens) + ("train_tokenizer",),
+                               ("train_generator", "limits"), _STAGES + "train_generator",
+                               partial(_train_generator, tokens=tokens),
                                _excluded("train_generator", "eval_every", "heldout_samples", "sample_prompts",
                                          "sampling"), "train_generator", TRAINING_LIBRARIES))
     if cfg.train_understanding is not None:
-        specs.append(StageSpec("train_understanding", ("pretokenize", "train_tokenizer"),
+        token_inputs = dict.fromkeys(_stage_inputs(cfg, "train_understanding.align", "pretokenize")
+                                     + _stage_inputs(cfg, "train_understanding", "pretokenize"))
+        specs.append(StageSpec("train_understanding", tuple(token_inputs) + ("train_tokenizer",),
                                ("train_understanding", "limits"),
                                _STAGES + "train_understanding", _train_understanding,
                                _excluded("train_understanding", "eval_every", "heldout_questions", "max_new_tokens"),
                                "train_understanding", TRAINING_LIBRARIES))
     if gen is not None:  # sampling is inference: it belongs to the evaluation, not to the training
-        sampling = ("eval.seed", "train_generator.sampling", "train_generator.tokenizer_view",
+        sampling = ("eval.seed", "eval.corpus", "train_generator.sampling", "train_generator.tokenizer_view",
                     "train_generator.language_model.max_text_tokens", "limits")
         specs += [StageSpec("eval_generation", decoding + ("train_generator",), ("eval.generation",) + sampling,
                             _STAGES + "eval_generation", partial(_eval_generation, decoder=decoder), device="eval"),
                   StageSpec("eval_dpg", decoding + ("train_generator",), ("eval.dpg",) + sampling,
                             _STAGES + "eval_dpg", partial(_eval_dpg, decoder=decoder), device="eval")]
     if cfg.train_understanding is not None:
-        answering = ("eval.seed", "train_understanding.max_new_tokens",
+        answering = ("eval.seed", "eval.corpus", "train_understanding.max_new_tokens",
                      "train_understanding.language_model.max_text_tokens", "limits")
-        specs += [StageSpec("eval_understanding", ("corpus", "train_tokenizer", "train_understanding"),
+        specs += [StageSpec("eval_understanding", (eval_corpus, "train_tokenizer", "train_understanding"),
                             ("eval.understanding",) + answering, _STAGES + "eval_understanding", _eval_understanding,
                             device="eval"),
-                  StageSpec("eval_pope", ("corpus", "train_tokenizer", "train_understanding"),
+                  StageSpec("eval_pope", (eval_corpus, "train_tokenizer", "train_understanding"),
                             ("eval.pope",) + answering, _STAGES + "eval_pope", _eval_pope, device="eval")]
         if cfg.eval.lmms.tasks:
             specs.append(StageSpec("eval_understanding_lmms", ("train_tokenizer", "train_understanding"),
@@ -256,7 +312,7 @@ def resources(cfg: TokenFlowConfig, name: str, cluster_gpus: bool = False) -> di
         t = getattr(cfg, name)
         gpus = float(t.worker_range[0]) if t.use_gpu is True or (t.use_gpu == "auto" and cluster_gpus) else 0.0
         return {"CPU": t.worker_range[0] * t.cpus_per_worker, "GPU": gpus}
-    if name in ("pretokenize", "pretokenize_generation"):
+    if name.split(".", 1)[0] in ("pretokenize", "pretokenize_generation"):
         p = cfg.pretokenize
         per_actor = (1.0 if cluster_gpus else 0.0) if p.gpus_per_actor == "auto" else float(p.gpus_per_actor)
         return {"CPU": p.num_actors * p.cpus_per_actor, "GPU": p.num_actors * per_actor}

@@ -94,12 +94,13 @@ def plan(cfg: TokenFlowConfig, storage_root: str, only: str | None = None, start
         else:
             planned = PlannedStage(spec, None, None, False, spec.name in selected)
         out.append(planned)
-    corpus = out[0]  # the corpus stage comes first
-    if (corpus.selected and not corpus.cached and cfg.corpus.source == "url"
-            and cfg.corpus.on_source_change == "fail"):
-        if changes := source_changes(storage.join(storage_root, "corpus"), cfg.corpus):
-            raise PlanError(f"the corpus changed ({changes}) and corpus.on_source_change is fail; set it to "
-                            "recompute to re-index it and run everything after it again")
+    for p in out:
+        kind, _, name = p.name.partition(".")
+        c = cfg.corpora.get(name) if kind == "corpus" else None
+        if c is not None and p.selected and not p.cached and c.source == "url" and c.on_source_change == "fail":
+            if changes := source_changes(storage.join(storage_root, p.name), c):
+                raise PlanError(f"corpus {name!r} changed ({changes}) and corpora.{name}.on_source_change is fail; "
+                                "set it to recompute to re-index it and run everything after it again")
     for p in out:
         if p.selected and not p.cached:
             missing = [i for i in p.spec.inputs if i not in complete and i not in selected]

@@ -1,0 +1,144 @@
+"""A corpus per stage: the config's corpora and mixtures, what validation rejects before any
+cluster work, the per-corpus stages of the DAG, and cross-corpus deduplication."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from tokenflow.config import ConfigError, load_config
+from tokenflow.data.dedup import find_duplicates
+from tokenflow.workflow.pipeline import stages
+
+from tests.conftest import REPO
+
+PIPELINES = REPO / "configs" / "pipelines"
+SMOKE = PIPELINES / "smoke.yaml"
+TWO = ["corpora.extra.source=url", "corpora.extra.url=/data/extra/", "corpora.extra.texts=[captions]"]
+
+
+def test_the_smoke_config_names_its_one_corpus_for_every_stage():
+    cfg = load_config(SMOKE)
+    assert list(cfg.corpora) == ["shapes"]
+    assert {s: [e.corpus for e in cfg.stage_data(s)] for s in cfg.training_sections} == {
+        "train_tokenizer": ["shapes"], "train_generator": ["shapes"], "train_understanding": ["shapes"]}
+    names = [s.name for s in stages(cfg)]
+    assert names[0] == "corpus.shapes" and "pretokenize.shapes" in names
+    assert not any(n.startswith("pretokenize_generation") for n in names)
+
+
+def test_the_b_config_trains_each_stage_on_its_own_corpora():
+    cfg = load_config(PIPELINES / "tokenflow-b.yaml")
+    gen = cfg.stage_data("train_generator")
+    assert [(e.corpus, e.weight) for e in gen] == [("laion-aesthetics", 0.7), ("cc12m", 0.3)]
+    assert cfg.corpora["llava-instruct"].format == "llava" and cfg.corpora["imagenet"].holds == frozenset()
+    specs = {s.name: s for s in stages(cfg)}
+    assert specs["train_tokenizer"].inputs == ("corpus.imagenet",)
+    assert specs["train_generator"].inputs == ("pretokenize_generation.laion-aesthetics",
+                                               "pretokenize_generation.cc12m", "train_tokenizer")
+    assert specs["train_understanding"].inputs == ("pretokenize.llava-pretrain", "pretokenize.llava-instruct",
+                                                   "train_tokenizer")
+    assert "pretokenize.imagenet" not in specs  # the tokenizer reads images, never tokens
+    assert specs["eval_reconstruction"].inputs[0] == "corpus.imagenet"
+
+
+def test_a_corpus_shared_by_two_llm_stages_is_pre_tokenized_once():
+    cfg = load_config(SMOKE, TWO + ["train_generator.data=[{corpus: shapes}, {corpus: extra, weight: 0.5}]"])
+    names = [s.name for s in stages(cfg)]
+    assert names.count("pretokenize.shapes") == 1 and "pretokenize.extra" in names
+    assert next(s for s in stages(cfg) if s.name == "train_understanding").inputs == ("pretokenize.shapes",
+                                                                                      "train_tokenizer")
+
+
+def test_a_mixture_changes_only_the_stages_that_read_it(tmp_path):
+    """The mixture weights are part of the training stage's identity, not of the corpora's."""
+    from tokenflow.workflow.runner import plan
+
+    extra = ["corpora.extra.source=shapes", "corpora.extra.shapes.seed=1", "train_tokenizer.data=[{corpus: shapes}]",
+             "train_understanding.data=[{corpus: shapes}]"]
+    a = {p.name: p for p in plan(load_config(SMOKE, extra + [
+        "train_generator.data=[{corpus: shapes}, {corpus: extra, weight: 0.5}]"]), str(tmp_path))}
+    b = {p.name: p for p in plan(load_config(SMOKE, extra + [
+        "train_generator.data=[{corpus: shapes}, {corpus: extra, weight: 0.25}]"]), str(tmp_path))}
+    for corpus in ("corpus.shapes", "corpus.extra"):
+        assert a[corpus].identity.hash == b[corpus].identity.hash
+    # The weights are inside the generator's section (its identity), not the tokenizer's.
+    assert "train_generator" in a["train_generator"].spec.config
+    assert not any(c.startswith("train_generator") for c in a["train_tokenizer"].spec.config)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (TWO + ["corpora.extra.texts=[]", "train_generator.data=[{corpus: extra}]"],
+     "corpus 'extra' holds no text; this stage trains on captions"),
+    (TWO + ["train_understanding.data=[{corpus: extra}]"],
+     "corpus 'extra' holds ['captions']; this stage trains on conversations"),
+    (["train_generator.data=[{corpus: laion}]"], "no corpus 'laion' in corpora"),
+    (["train_generator.data=[{corpus: shapes}, {corpus: shapes}]"], "corpora named more than once: ['shapes']"),
+    (["train_generator.data=[]"], "names no corpus"),
+    (["train_generator.data=[{corpus: shapes, weight: 0}]"], "greater than 0"),
+    (TWO + ["train_tokenizer.data=null"], "train_tokenizer.data: name the corpora it trains on (2 are defined: extra, shapes)"),
+    (["eval.corpus=laion"], "eval.corpus: no corpus 'laion'"),
+    (["corpora.shapes.format=llava"], "format llava needs the llava section"),
+    (["corpora.Bad Name.source=shapes", "train_tokenizer.data=[{corpus: shapes}]", "train_generator.data=[{corpus: shapes}]",
+      "train_understanding.data=[{corpus: shapes}]"], "must match"),
+])
+def test_a_stage_without_suitable_data_is_rejected_at_validation(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(SMOKE, overrides)
+    assert message in str(err.value)
+
+
+def test_llava_json_gives_the_understanding_model_conversations_and_no_captions():
+    cfg = load_config(SMOKE, ["corpora.chat.source=url", "corpora.chat.format=llava", "corpora.chat.url=/d/chat.json",
+                              "corpora.chat.llava.image_root=/d/images", "train_tokenizer.data=[{corpus: shapes}]",
+                              "train_generator.data=[{corpus: shapes}]",
+                              "train_understanding.data=[{corpus: chat}]"])
+    assert cfg.corpora["chat"].holds == frozenset({"conversations"})
+    assert [e.corpus for e in cfg.stage_data("train_understanding.align")] == ["chat"]  # align_data: None -> data
+    with pytest.raises(ConfigError, match="corpus 'chat' holds \\['conversations'\\]; this stage trains on captions"):
+        load_config(SMOKE, ["corpora.chat.source=url", "corpora.chat.format=llava", "corpora.chat.url=/d/chat.json",
+                            "corpora.chat.llava.image_root=/d/images", "train_tokenizer.data=[{corpus: shapes}]",
+                            "train_generator.data=[{corpus: chat}]", "train_understanding.data=[{corpus: shapes}]"])
+
+
+def _digest(image: str) -> str:
+    return hashlib.sha256(image.encode()).hexdigest()
+
+
+def test_duplicates_across_corpora_are_dropped_from_the_later_corpus_and_counted():
+    shards = {"a0": [("a1", "x"), ("a2", "y"), ("a3", "y")],  # y twice inside corpus a: kept, counted
+              "b0": [("b1", "x"), ("b2", "z")], "b1": [("b3", "y"), ("b4", "w")],
+              "c0": [("c1", "z"), ("c2", "v")]}
+    rows = lambda shard: [(key, _digest(image)) for key, image in shards[shard]]  # noqa: E731
+    dup = find_duplicates([("a", ["a0"]), ("b", ["b0", "b1"]), ("c", ["c0"])], rows)
+    assert dup.dropped == {"a": {}, "b": {"b0": frozenset({"b1"}), "b1": frozenset({"b3"})},
+                           "c": {"c0": frozenset({"c1"})}}
+    assert dup.report() == {"a": {"dropped": 0, "within_corpus": 1}, "b": {"dropped": 2, "within_corpus": 0},
+                            "c": {"dropped": 1, "within_corpus": 0}}
+    # The mixture order decides which copy stays: deterministic, whatever the shard contents' order.
+    swapped = find_duplicates([("c", ["c0"]), ("b", ["b0", "b1"]), ("a", ["a0"])], rows)
+    assert swapped.dropped["b"] == {"b0": frozenset({"b2"})} and swapped.counts == {"c": 0, "b": 1, "a": 3}
+
+
+def test_a_single_corpus_is_not_read_for_duplicates():
+    assert find_duplicates([("a", ["a0"])], lambda shard: pytest.fail("read")).dropped == {}
+
+
+def test_a_row_without_an_image_digest_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="a0: sample 'k' has no sha256 image digest"):
+        find_duplicates([("a", ["a0"]), ("b", [])], lambda shard: [("k", None)])
+
+
+def test_the_data_docs_config_snippets_validate(tmp_path):
+    """docs/data.md's snippets for plugging in data are runnable configs (on top of smoke.yaml)."""
+    import re
+
+    text = (REPO / "docs" / "data.md").read_text()
+    snippets = [s for s in re.findall(r"```yaml\n(.*?)```", text, re.S) if s.startswith("include: smoke.yaml")]
+    assert len(snippets) == 3
+    for i, snippet in enumerate(snippets):
+        path = tmp_path / f"snippet{i}.yaml"
+        path.write_text(snippet.replace("include: smoke.yaml", f"include: {SMOKE}"))
+        cfg = load_config(path)
+        assert len(cfg.corpora) >= 2 and any(len(cfg.stage_data(s)) >= 1 for s in cfg.training_sections)
