@@ -79,6 +79,7 @@ def loop_worker(rank: int, world: int, port: int, config: dict[str, Any], shards
     from tokenflow.train.engines import deepspeed_config, init_distributed, make_engine
     from tokenflow.train.harness import all_reduce_mean
     from tokenflow.train.image_stream import ImageStream
+    from tokenflow.train.mixture import MixtureSource
     from tokenflow.train.tokenizer_worker import global_usage
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -95,7 +96,7 @@ def loop_worker(rank: int, world: int, port: int, config: dict[str, Any], shards
         loss_fn = TokenizerLoss(tok)
         params = model.trainable_parameters()
         optimizer = torch.optim.Adam(params, lr=t.lr, betas=t.betas)
-        stream = ImageStream(records, rank, world, t.seed, tok.image_size, t.augment.min_scale, cfg.limits)
+        stream = ImageStream([MixtureSource("shapes", 1.0, records)], rank, world, t.seed, tok.image_size, t.augment.min_scale, cfg.limits)
         if engine == "deepspeed":
             net = make_engine(model, optimizer, deepspeed_config(t.deepspeed, t.micro_batch_size, 1, t.grad_clip))
 
@@ -157,16 +158,18 @@ def run_loops(config: dict[str, Any], shards: list[dict[str, Any]], log_every: i
     return loops
 
 
-def run_stage(cfg: Any, manifest: dict[str, Any], out: Path) -> Loop:
-    """The real stage, its windows from the ``samples_per_s`` metric it logs to MLflow."""
+def run_stage(cfg: Any, manifest: dict[str, Any], corpus: Path, out: Path) -> Loop:
+    """The real stage on the corpus at ``corpus``, its windows from the ``samples_per_s`` metric it
+    logs to MLflow."""
     import mlflow
 
+    from tokenflow.data.stage_data import StageData
     from tokenflow.stages.train_tokenizer import run_train_tokenizer
 
     t = cfg.train_tokenizer
     start = time.monotonic()
     with CpuSampler() as sampler, private_ray(num_cpus=2):
-        result = run_train_tokenizer(cfg, manifest, str(out))
+        result = run_train_tokenizer(cfg, [StageData("shapes", 1.0, manifest, str(corpus))], str(out))
     wall = time.monotonic() - start
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
 
@@ -212,7 +215,7 @@ def main() -> None:
               f"{t.micro_batch_size}, lr {t.lr:g}, {t.deepspeed}, {args.steps} steps, windows of "
               f"{args.log_every} steps (first dropped)\n")
         load = os.getloadavg()[0]
-        stage = run_stage(cfg, manifest, work / "train-stage")
+        stage = run_stage(cfg, manifest, work / "train-corpus", work / "train-stage")
         load_loops = os.getloadavg()[0]
         loops = run_loops(cfg.model_dump(mode="json"), shards, args.log_every)
         runs = [("stage: run_train_tokenizer", "2 Ray Train workers x 1 CPU, DeepSpeed ZeRO-2 fp32, gloo", stage,

@@ -27,8 +27,15 @@ def main() -> None:
     parser.add_argument("--tokenizer", required=True, help="the tokenizer export that made the token shards")
     args = parser.parse_args()
     cfg, _ = prepare_stage(args)
-    align, data = (mixture_inputs(cfg, section, _values_for(cfg, section, args.inputs))
-                   for section in ("train_understanding.align", "train_understanding"))
+    known = {e.corpus for e in cfg.understanding_data}
+    if unknown := [v for v in args.inputs if "=" in v and v.split("=", 1)[0] not in known]:
+        parser.error(f"--tokens {unknown}: no such corpus in train_understanding's data or align_data "
+                     f"({', '.join(sorted(known))})")
+    def inputs(section: str) -> list:
+        return mixture_inputs(cfg, section, _values_for(cfg, section, args.inputs))
+
+    align = inputs("train_understanding.align") if cfg.train_understanding.align_steps else []
+    data = inputs("train_understanding")
     manifest = run_train_understanding(cfg, align, data, args.tokenizer, args.out)
     print(f"understanding: {storage.join(args.out, manifest['model']['path'])} sha256 {manifest['model']['sha256']}")
 

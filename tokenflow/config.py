@@ -313,6 +313,9 @@ class CorpusConfig(StrictModel):
             raise ValueError("format llava needs the llava section (image_root), and only it")
         if self.format == "llava" and self.source != "url":
             raise ValueError("format llava reads the JSON file at url: set source: url")
+        if self.format == "llava" and self.heldout_url:
+            raise ValueError("format llava takes its held-out split from the packed shards (heldout_shards), "
+                             "not heldout_url")
         return self
 
     @property
@@ -324,9 +327,13 @@ class CorpusConfig(StrictModel):
             return frozenset({"captions", "conversations"})
         if self.format == "llava":
             return frozenset({"conversations"})
-        if self.format == "parquet" and self.columns.caption is None:
+        if self.format in ("parquet", "auto") and self.columns.caption is None:
             return frozenset()
         return frozenset({"captions"})
+
+
+# Corpus settings that never change what its corpus stage makes (not in its identity or manifest).
+CORPUS_NOT_CONTENT = ("on_source_change", "texts")
 
 
 class MixtureEntry(StrictModel):
@@ -431,6 +438,10 @@ class TrainingConfig(StrictModel):
     data: tuple[MixtureEntry, ...] | None = Field(
         default=None, description="The corpora this stage trains on, with mixture weights; None: the only "
         "corpus of ``corpora``.")
+    dedup: Literal["images", "pairs", "off"] = Field(
+        "images", description="Across the corpora of ``data``, a sample repeating one of an earlier corpus is "
+        "dropped: images: the same image bytes; pairs: the same image with the same text (caption and "
+        "metadata); off: nothing is dropped.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement of the workers: PACK fills nodes in turn, SPREAD puts "
         "them on as many nodes as possible.")
@@ -470,6 +481,12 @@ class TrainTokenizerConfig(TrainingConfig):
     image_every: int = Field(200, gt=0, description="Held-out reconstruction grid interval.")
     heldout_images: int = Field(8, gt=0)
     augment: AugmentConfig = AugmentConfig()
+
+    @model_validator(mode="after")
+    def _dedup_by_image(self) -> "TrainTokenizerConfig":
+        if self.dedup == "pairs":
+            raise ValueError("dedup pairs: the tokenizer reads images only (use images or off)")
+        return self
 
 
 class FinetuneDecoderConfig(TrainTokenizerConfig):
@@ -566,6 +583,9 @@ class TrainUnderstandingConfig(TrainingConfig):
     align_data: tuple[MixtureEntry, ...] | None = Field(
         default=None, description="Stage 1's corpora (captions; a row without one gives its conversation), "
         "with mixture weights; None: ``data``.")
+    dedup: Literal["images", "pairs", "off"] = Field(
+        "pairs", description="As for every stage, but by default only the same image with the same "
+        "conversation is a duplicate: instruction sets ask new questions about the same (COCO, ...) images.")
     split_turns: bool = Field(False, description="Each question/answer turn of a conversation "
                               "becomes its own sample (independent yes/no pairs).")
     eval_every: int = Field(200, gt=0)
@@ -853,6 +873,12 @@ class TokenFlowConfig(StrictModel):
         return (MixtureEntry(corpus=next(iter(self.corpora))),)
 
     @property
+    def understanding_data(self) -> tuple[MixtureEntry, ...]:
+        """The understanding model's corpora: stage 1's (when it trains) then stage 2's."""
+        align = self.stage_data("train_understanding.align") if self.train_understanding.align_steps else ()
+        return align + self.stage_data("train_understanding")
+
+    @property
     def training_sections(self) -> tuple[str, ...]:
         """The configured training sections that read corpora."""
         return tuple(s for s in ("train_tokenizer", "finetune_decoder", "train_generator", "train_understanding")
@@ -869,8 +895,7 @@ class TokenFlowConfig(StrictModel):
         generator's without a tokenizer view), in first-use order."""
         names: list[str] = []
         if self.train_understanding is not None:
-            names += [e.corpus for e in self.stage_data("train_understanding.align") + self.stage_data(
-                "train_understanding")]
+            names += [e.corpus for e in self.understanding_data]
         if self.train_generator is not None and self.generation_view is None:
             names += [e.corpus for e in self.stage_data("train_generator")]
         return tuple(dict.fromkeys(names))

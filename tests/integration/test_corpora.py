@@ -110,12 +110,26 @@ def test_two_corpora_mix_by_weight_without_their_shared_images(ray_local, token_
 
 def test_the_tokenizer_mixture_drops_images_an_earlier_corpus_holds(tmp_path):
     """The tokenizer reads images, not tokens: its duplicates come from the digests each corpus
-    stage wrote beside its manifest."""
+    stage wrote beside its manifest. A shard left empty is no part of the mixture; a corpus left
+    without rows is refused before training."""
+    import pytest
+
     a = build_corpus(CorpusConfig(shapes={"num_samples": 40, "shard_size": 10, "seed": 3}), str(tmp_path / "a"))
+    build_corpus(CorpusConfig(shapes={"num_samples": 20, "shard_size": 10, "seed": 4, "heldout_fraction": 0.0}),
+                 str(tmp_path / "new"))
     b_dir = tmp_path / "b-data"
     shutil.copytree(tmp_path / "a" / "data" / "train", b_dir)  # every training image of a again
+    for tar in (tmp_path / "new" / "data" / "train").iterdir():
+        shutil.copy(tar, b_dir / f"new-{tar.name}")
     b = build_corpus(CorpusConfig(source="url", url=str(b_dir), heldout_shards=1), str(tmp_path / "b"))
-    sources, dedup = _mixture([StageData("a", 1.0, a, str(tmp_path / "a")), StageData("b", 1.0, b, str(tmp_path / "b"))])
-    assert dedup.counts == {"a": 0, "b": b["splits"]["train"]["samples"]}
-    assert sum(len(keys) for keys in sources[1].dropped.values()) == b["splits"]["train"]["samples"]
-    assert (tmp_path / "b" / "digests" / "train").is_dir()
+    assert (tmp_path / "b" / "_digests" / "train").is_dir()
+    a_data, b_data = StageData("a", 1.0, a, str(tmp_path / "a")), StageData("b", 1.0, b, str(tmp_path / "b"))
+    sources, dedup = _mixture([a_data, b_data], 2)
+    copied = [r for r in b["splits"]["train"]["shards"] if not r["name"].startswith("new-")]
+    assert dedup.counts == {"a": 0, "b": sum(r["samples"] for r in copied)}
+    assert [r.name for r in sources[1].shards] == [r["name"] for r in b["splits"]["train"]["shards"]
+                                                   if r["name"].startswith("new-")]
+    only_copies = build_corpus(CorpusConfig(source="url", url=str(b_dir / "shapes-*.tar"), heldout_shards=1),
+                               str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="corpus 'c': 0 training rows are left"):
+        _mixture([a_data, StageData("c", 1.0, only_copies, str(tmp_path / "c"))], 2)

@@ -154,6 +154,19 @@ def test_mixture_stream_leaves_the_dropped_rows_out_and_keeps_the_proportions():
     assert stream.counts == {"a": 140, "b": 60}
 
 
+def test_a_rejected_draw_is_not_counted_and_the_same_source_draws_again():
+    mixture = _mixtures(1)[0]
+    draws = [mixture.next() for _ in range(9)]
+    assert [d[0] for d in draws].count(0) == 6
+    rejected = 0
+    for _ in range(100):
+        source, _, item = mixture.next()
+        if source == 0 and item[2] % 4 == 0:  # a quarter of a's items are unusable
+            mixture.reject(0)
+            rejected += 1
+    assert rejected and abs(mixture.counts["a"] - 0.7 * mixture.draws) <= 1 and mixture.draws == 109 - rejected
+
+
 def test_a_source_without_items_is_named():
     empty = ShardedStream(2, lambda shard: [], 0, 1, seed=0)
     mixture = MixtureStream([ShardedStream(len(A), A.__getitem__, 0, 1, seed=3), empty], [1, 1], ["a", "empty"])

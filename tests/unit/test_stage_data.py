@@ -142,3 +142,62 @@ def test_the_data_docs_config_snippets_validate(tmp_path):
         path.write_text(snippet.replace("include: smoke.yaml", f"include: {SMOKE}"))
         cfg = load_config(path)
         assert len(cfg.corpora) >= 2 and any(len(cfg.stage_data(s)) >= 1 for s in cfg.training_sections)
+
+
+def test_pairs_dedup_keeps_new_text_about_an_image_and_images_dedup_does_not(tmp_path):
+    import numpy as np
+
+    from tokenflow.data.dedup import token_shard_digests
+    from tokenflow.data.token_shards import TokenShardInfo, build_token_table, parquet_bytes
+
+    info = TokenShardInfo((1, 2), 16, "t", "e", "s", "x")
+    digest = _digest("one image")
+
+    def shard(name: str, texts: list[str]) -> str:
+        table = build_token_table([f"{name}{i}" for i in range(len(texts))], np.zeros((len(texts), 5), dtype=np.int64),
+                                  texts, [None] * len(texts), [digest] * len(texts), info)
+        (tmp_path / f"{name}.parquet").write_bytes(parquet_bytes(table))
+        return str(tmp_path / f"{name}.parquet")
+
+    a, b = shard("a", ["a red circle"]), shard("b", ["a red circle", "one circle, red"])
+    by_image = find_duplicates([("a", [a]), ("b", [b])], token_shard_digests)
+    by_pair = find_duplicates([("a", [a]), ("b", [b])], lambda url: token_shard_digests(url, pairs=True))
+    assert by_image.counts["b"] == 2 and by_pair.dropped["b"] == {b: frozenset({"b0"})}
+
+
+def test_shards_deduplication_emptied_leave_the_mixture_and_an_emptied_corpus_is_refused():
+    from tokenflow.train.mixture import MixtureSource, shares_of, without_emptied
+
+    rows = {"s0": 3, "s1": 2}.__getitem__
+    source = MixtureSource("b", 1.0, ["s0", "s1"], {"s1": frozenset({"k1", "k2"}), "s0": frozenset({"k3"})})
+    assert without_emptied(source, rows, 2).shards == ["s0"]
+    with pytest.raises(ValueError, match="corpus 'b': 2 training rows are left .* at least 3 \\(one per worker\\)"):
+        without_emptied(source, rows, 3)
+    weights = [MixtureSource("a", 0.7, []), MixtureSource("b", 0.2, []), MixtureSource("c", 0.1, [])]
+    assert shares_of(8, weights) == [6, 1, 1] and sum(shares_of(64, weights)) == 64
+
+
+def test_what_a_corpus_carries_is_no_part_of_its_identity_but_llava_packing_limits_are():
+    specs = {s.name: s for s in stages(load_config(SMOKE))}
+    assert "corpora.shapes.texts" in specs["corpus.shapes"].exclude and "limits" not in specs["corpus.shapes"].config
+    llava = load_config(SMOKE, ["corpora.chat.source=url", "corpora.chat.format=llava", "corpora.chat.url=/d/c.json",
+                                "corpora.chat.llava.image_root=/d/images", "train_understanding.data=[{corpus: chat}]"])
+    assert "limits" in {s.name: s for s in stages(llava)}["corpus.chat"].config
+    with pytest.raises(ConfigError, match="dedup pairs: the tokenizer reads images only"):
+        load_config(SMOKE, ["train_tokenizer.dedup=pairs"])
+    with pytest.raises(ConfigError, match="not heldout_url"):
+        load_config(SMOKE, ["corpora.chat.source=url", "corpora.chat.format=llava", "corpora.chat.url=/d/c.json",
+                            "corpora.chat.llava.image_root=/d/i", "corpora.chat.heldout_url=/d/h.json"])
+
+
+def test_a_corpus_indexed_in_place_is_indexed_again_the_same(tmp_path):
+    """The corpus stage's own files (_MANIFEST.json, _digests/) beside the shards are no shards."""
+    from tokenflow.config import CorpusConfig
+    from tokenflow.data.shapes import write_shapes_corpus
+    from tokenflow.stages.corpus import build_corpus
+
+    write_shapes_corpus(str(tmp_path), num_samples=30, shard_size=10, seed=0, heldout_fraction=0.0)
+    cfg = CorpusConfig(source="url", url=str(tmp_path / "train"), heldout_shards=1)
+    first = build_corpus(cfg, str(tmp_path / "train"))
+    assert (tmp_path / "train" / "_digests" / "train").is_dir()
+    assert build_corpus(cfg, str(tmp_path / "train"))["splits"] == first["splits"]

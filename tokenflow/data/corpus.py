@@ -89,14 +89,20 @@ def shard_format(url: str) -> ShardFormat:
     raise CorpusError(f"{url}: unknown shard format (expected .tar or .parquet)")
 
 
+def _hidden(name: str) -> bool:
+    return name.startswith(("_", "."))
+
+
 def _candidates(url: str) -> tuple[list[str], bool]:
-    """Paths under ``url`` (a glob's matches, a directory's files, or the file itself) and whether
-    ``url`` named one file."""
+    """Paths under ``url`` (a glob's matches, a directory's files outside folders named ``_*`` or
+    ``.*``, or the file itself) and whether ``url`` named one file."""
     fs, path = storage.filesystem(url)
     if any(ch in path for ch in "*?["):
         return sorted(fs.glob(path)), False
     if fs.isdir(path):
-        return sorted(fs.find(path)), False
+        root = path.rstrip("/") + "/"
+        return sorted(p for p in fs.find(path)
+                      if not any(_hidden(part) for part in p[len(root):].split("/")[:-1])), False
     if fs.exists(path):
         return [path], True
     raise CorpusError(f"{url}: no such file or directory")
@@ -127,14 +133,15 @@ def _select(url: str, paths: list[str], format: ListingFormat) -> tuple[ShardFor
 
 def resolve_listing(url: str, format: ListingFormat = "auto") -> tuple[ShardFormat, list[str]]:
     """The format and shard URLs under ``url``: a directory (its .tar/.parquet files, sorted), a
-    glob, or one file. Files whose names start with ``_`` or ``.`` are not shards."""
+    glob, or one file. Files (and a directory's folders) whose names start with ``_`` or ``.`` are
+    not shards: that is where stage outputs keep their manifests and digests."""
     paths, single = _candidates(url)
     if single:
         fmt = shard_format(paths[0])
         if format not in ("auto", fmt):
             raise CorpusError(f"{url}: a {fmt} shard, but the corpus format is {format}")
     else:
-        paths = [p for p in paths if not storage.basename(p).startswith(("_", "."))]
+        paths = [p for p in paths if not _hidden(storage.basename(p))]
         fmt, paths = _select(url, paths, format)
     protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
     return fmt, [p if "://" in p or not protocol else protocol + p for p in paths]

@@ -1,14 +1,18 @@
 """Exact duplicate images across the corpora of a mixture, by the sha256 of their bytes.
 
-A training stage mixing several corpora drops a sample whose image already occurs in a corpus
-earlier in its ``data`` list (first occurrence wins: mixture order, then shard order, then row
-order), so one image is not trained on twice as often as its corpus's weight says. Repeats
-inside one corpus are counted, not dropped: LLaVA-style data asks several conversations about
-one image, a caption dataset may pair one image with several captions.
+A training stage mixing several corpora drops a sample that already occurs in a corpus earlier
+in its ``data`` list (first occurrence wins: mixture order, then shard order, then row order), so
+one sample is not trained on more often than its corpus's weight says. What counts as the same
+sample is the stage's ``dedup``: the same image bytes (``images``), or the same image with the
+same text (``pairs``: instruction sets ask new questions about the same images). Repeats inside
+one corpus are counted, not dropped: LLaVA-style data asks several conversations about one image,
+a caption dataset may pair one image with several captions.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -63,9 +67,13 @@ def _checked(shard: str, rows: Iterable[tuple[str, str]]) -> Iterator[tuple[str,
         yield key, digest
 
 
-def token_shard_digests(url: str) -> list[tuple[str, str]]:
-    """``(key, image_sha256)`` of every row of a token shard (reads two columns)."""
+def token_shard_digests(url: str, pairs: bool = False) -> list[tuple[str, str]]:
+    """``(key, digest)`` of every row of a token shard: its image's sha256, or with ``pairs`` the
+    sha256 of the image's digest with the row's caption and metadata (reads only those columns)."""
     from tokenflow.data.token_shards import read_table
 
-    cols = read_table(url, ["key", "image_sha256"]).to_pydict()
-    return list(zip(cols["key"], cols["image_sha256"]))
+    cols = read_table(url, ["key", "image_sha256"] + (["caption", "json"] if pairs else [])).to_pydict()
+    if not pairs:
+        return list(zip(cols["key"], cols["image_sha256"]))
+    return [(key, hashlib.sha256(json.dumps([image, caption, meta]).encode()).hexdigest() if image else image)
+            for key, image, caption, meta in zip(cols["key"], cols["image_sha256"], cols["caption"], cols["json"])]

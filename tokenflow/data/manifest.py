@@ -129,7 +129,7 @@ def content_digest(manifest: dict[str, Any]) -> str:
     return config_hash({k: v for k, v in manifest.items() if k not in RUN_FIELDS})
 
 
-DIGESTS_DIR = "digests"  # a corpus output's per-shard image digests: digests/<split>/<shard name>.parquet
+DIGESTS_DIR = "_digests"  # a corpus output's per-shard image digests: _digests/<split>/<shard name>.parquet
 
 
 def digests_url(corpus_url: str, split: str, shard_name: str) -> str:

@@ -7,10 +7,11 @@ without tracking (the ``tokenflow`` CLI, tests, benchmarks)."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 from tokenflow import storage
-from tokenflow.config import DEFAULT_LIMITS, CorpusConfig, SampleLimitsConfig, TokenFlowConfig
+from tokenflow.config import CORPUS_NOT_CONTENT, DEFAULT_LIMITS, CorpusConfig, SampleLimitsConfig, TokenFlowConfig
 from tokenflow.data.corpus import CorpusError, ReaderOptions, corpus_listing, img2dataset_status, resolve_listing
 from tokenflow.data.manifest import MANIFEST_NAME, corpus_manifest, digests_url, index_shard
 from tokenflow.data.shapes import write_shapes_corpus
@@ -38,6 +39,8 @@ def _pack_llava(cfg: CorpusConfig, out_url: str, limits: SampleLimitsConfig) -> 
     data = storage.join(out_url, "data")
     counts = _remote(pack_llava_shard, [(g, cfg.llava.image_root, data, f"llava-{i:06d}") for i, g in enumerate(groups)])
     total = {k: sum(c[k] for c in counts) for k in ("records", "missing_image", "text_only", "invalid")}
+    if not total["records"]:
+        raise CorpusError(f"{cfg.url}: no record with an image to pack ({total}; docs/data.md lists what is packed)")
     return [storage.join(data, f"llava-{i:06d}.parquet") for i in range(len(groups))], total
 
 
@@ -67,18 +70,27 @@ def make_corpus(cfg: CorpusConfig, out_url: str, limits: SampleLimitsConfig = DE
         fmt, train = resolve_listing(cfg.url, cfg.format)
         reader = ReaderOptions.from_config(cfg.model_copy(update={"format": fmt}))
         splits = _split(cfg, train)
-        if fmt == "webdataset" and (status := img2dataset_status([u for urls in splits.values() for u in urls])):
-            extra["img2dataset_status"] = status  # what img2dataset could not download never reached the tars
+        tars = [u for urls in splits.values() for u in urls] if fmt == "webdataset" else []
+        if status := sum((Counter(c) for c in _remote(img2dataset_status, [([u],) for u in tars])), Counter()):
+            extra["img2dataset_status"] = dict(status)  # what img2dataset could not download never reached the tars
     records = {split: _remote(index_shard, [(u, reader, digests_url(out_url, split, storage.basename(u))) for u in urls])
                for split, urls in splits.items()}
-    manifest = {**corpus_manifest(records, cfg.model_dump(mode="json", exclude={"on_source_change"}), reader=reader),
+    manifest = {**corpus_manifest(records, corpus_source(cfg), reader=reader),
                 **extra}
+    if not manifest["splits"]["train"]["samples"]:
+        raise CorpusError(f"{cfg.url or 'the shapes corpus'}: the training split holds no sample"
+                          + (f" (LLaVA records: {extra['llava']})" if "llava" in extra else ""))
     if cfg.source == "url":  # what on_source_change compares a later run's shards with
         manifest["source_listing"] = source_listing(cfg)
     for split, block in manifest["splits"].items():
         log.info("corpus %s: %d shards, %d samples, %.1f MB", split, len(block["shards"]),
                  block["samples"], block["bytes"] / 1e6)
     return manifest
+
+
+def corpus_source(cfg: CorpusConfig) -> dict[str, Any]:
+    """The corpus config as its manifest records it (what the corpus is made from)."""
+    return cfg.model_dump(mode="json", exclude=set(CORPUS_NOT_CONTENT))
 
 
 def source_listing(cfg: CorpusConfig) -> dict[str, str]:
@@ -121,7 +133,7 @@ def source_changes(outputs_url: str, cfg: CorpusConfig) -> str | None:
     fs, root = storage.filesystem(outputs_url)
     if not fs.isdir(root):
         return None
-    source = cfg.model_dump(mode="json", exclude={"on_source_change"})
+    source = corpus_source(cfg)
     current = source_listing(cfg)
     for made in sorted(fs.ls(root, detail=False)):
         url = storage.join(outputs_url, storage.basename(made), MANIFEST_NAME)

@@ -43,9 +43,9 @@ def log_mixture(run: StageRun, data: list[StageData], dedup: Duplicates, phase: 
 
 def drawn(run: StageRun, table: list[dict[str, Any]], phase: str = "") -> list[dict[str, Any]]:
     """``table`` with each corpus's samples drawn over the whole training (the workers' last
-    ``data/<corpus>/examples``) and realised share."""
+    ``data/<corpus>/examples``) and realised share; None where the run has no such metric."""
     metrics = run.client.get_run(run.run_id).data.metrics
     examples = {row["corpus"]: metrics.get(f"{phase}data/{row['corpus']}/examples") for row in table}
-    total = sum(v for v in examples.values() if v)
-    return [{**row, "examples": int(examples[row["corpus"]] or 0),
-             "realised_share": (examples[row["corpus"]] or 0) / total if total else 0.0} for row in table]
+    total = sum(v for v in examples.values() if v is not None)
+    return [{**row, "examples": None if (n := examples[row["corpus"]]) is None else int(n),
+             "realised_share": n / total if n is not None and total else None} for row in table]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -23,7 +25,7 @@ from tokenflow.models.weights import file_sha256
 from tokenflow.stages.stage_run import RunLink, StageRun
 from tokenflow.stages.lineage import drawn, log_mixture
 from tokenflow.stages.training import resolve_use_gpu
-from tokenflow.train.mixture import TokenSource
+from tokenflow.train.mixture import TokenSource, without_emptied
 
 log = logging.getLogger(__name__)
 
@@ -101,19 +103,27 @@ def open_llm_stage(cfg: TokenFlowConfig, stage: str, data: list[StageData], toke
     return StageRun(cfg, stage, {stage}, out_url, inputs, link, _DESCRIPTIONS[stage])
 
 
-def token_sources(data: list[StageData], split: str, dedup: Duplicates | None = None) -> list[TokenSource]:
-    """Each corpus's token shards of ``split`` as a mixture source, without ``dedup``'s dropped rows."""
-    dropped = dedup.dropped if dedup is not None else {}
-    return [TokenSource(d.corpus, d.weight, token_shard_urls(d.manifest, d.url, split), dropped.get(d.corpus, {}))
-            for d in data]
+def token_sources(data: list[StageData], split: str) -> list[TokenSource]:
+    """Each corpus's token shards of ``split`` as a mixture source."""
+    return [TokenSource(d.corpus, d.weight, token_shard_urls(d.manifest, d.url, split)) for d in data]
+
+
+def _shard_rows(d: StageData, split: str) -> dict[str, int]:
+    return {storage.join(d.url, e["path"]): int(e["rows"]) for e in d.manifest["splits"][split]["shards"]}
 
 
 def mixture_sources(run: StageRun, data: list[StageData],
                     phase: str = "") -> tuple[list[TokenSource], list[dict[str, Any]]]:
     """The training mixture of ``data`` (duplicates across its corpora dropped) and its lineage
     table (each corpus's token shards, digest, weight, rows and duplicates), logged on ``run``."""
-    dedup = find_duplicates([(s.corpus, s.shards) for s in token_sources(data, "train")], token_shard_digests)
-    return token_sources(data, "train", dedup), log_mixture(run, data, dedup, phase)
+    t = getattr(run.cfg, run.stage)
+    sources = token_sources(data, "train")
+    dedup = Duplicates() if t.dedup == "off" else find_duplicates(
+        [(s.corpus, s.shards) for s in sources], partial(token_shard_digests, pairs=t.dedup == "pairs"))
+    workers = t.worker_range[1]
+    kept = [without_emptied(replace(s, dropped=dedup.dropped.get(s.corpus, {})), _shard_rows(d, "train").__getitem__,
+                            workers) for s, d in zip(sources, data)]
+    return kept, log_mixture(run, data, dedup, phase)
 
 
 def llm_job_fields(cfg: TokenFlowConfig, stage: str, run: StageRun, data: list[StageData], tokenizer_url: str,
@@ -128,7 +138,7 @@ def llm_job_fields(cfg: TokenFlowConfig, stage: str, run: StageRun, data: list[S
     prepare_text_tokenizer(t.language_model, urls, text_tokenizer_url)
     return {"config": cfg, "use_gpu": resolve_use_gpu(t.use_gpu), "tracking_uri": run.tracking_uri,
             "mlflow_run_id": run.run_id, "train": train,
-            "heldout_urls": [u for s in token_sources(data, "heldout") for u in s.shards],
+            "heldout": token_sources(data, "heldout"),
             "tokenizer_url": tokenizer_url, "token_scales": data[0].manifest["scales"],
             "text_tokenizer_url": text_tokenizer_url, "export_dir": export_dir}
 

@@ -23,7 +23,7 @@ from tokenflow.stages.lineage import drawn, log_mixture
 from tokenflow.stages.stage_run import RunLink, StageRun
 from tokenflow.stages.training import fit, resolve_use_gpu
 from tokenflow.train.jobs import TokenizerJob
-from tokenflow.train.mixture import MixtureSource
+from tokenflow.train.mixture import MixtureSource, without_emptied
 
 TRAIN_RUN_NAME = "train"
 _DESCRIPTIONS = {
@@ -56,14 +56,17 @@ def run_finetune_decoder(cfg: TokenFlowConfig, data: list[StageData], tokenizer_
                                 out_url, link, {"tokenizer": tokenizer_sha256}, tokenizer_url)
 
 
-def _mixture(data: list[StageData]) -> tuple[list[MixtureSource[ShardRecord]], Duplicates]:
+def _mixture(data: list[StageData], workers: int,
+             dedup_images: bool = True) -> tuple[list[MixtureSource[ShardRecord]], Duplicates]:
     """Each corpus's training shards as a mixture source, images repeated from an earlier corpus
-    dropped (by the per-sample digests the corpus stage wrote)."""
+    dropped unless ``dedup_images`` is off (by the per-sample digests the corpus stage wrote)."""
     shards = {d.corpus: shard_records(d.manifest, "train") for d in data}
     by_url = {r.url: (d, r) for d in data for r in shards[d.corpus]}
-    dedup = find_duplicates([(d.corpus, [r.url for r in shards[d.corpus]]) for d in data],
-                            lambda url: sample_digests(by_url[url][0].url, "train", by_url[url][1]))
-    return [MixtureSource(d.corpus, d.weight, shards[d.corpus], dedup.dropped.get(d.corpus, {})) for d in data], dedup
+    dedup = Duplicates() if not dedup_images else find_duplicates(
+        [(d.corpus, [r.url for r in shards[d.corpus]]) for d in data],
+        lambda url: sample_digests(by_url[url][0].url, "train", by_url[url][1]))
+    return [without_emptied(MixtureSource(d.corpus, d.weight, shards[d.corpus], dedup.dropped.get(d.corpus, {})),
+                            lambda r: r.samples, workers) for d in data], dedup
 
 
 def _run_tokenizer_stage(cfg: TokenFlowConfig, section: str, logged: set[str], data: list[StageData],
@@ -74,12 +77,12 @@ def _run_tokenizer_stage(cfg: TokenFlowConfig, section: str, logged: set[str], d
     t = getattr(cfg, section)
     inputs = {**{f"corpus.{d.corpus}": content_digest(d.manifest) for d in data}, **inputs}
     with StageRun(cfg, section, logged, out_url, inputs, link, _DESCRIPTIONS[section]) as run:
-        train, dedup = _mixture(data)
+        train, dedup = _mixture(data, t.worker_range[1], t.dedup == "images")
         table = log_mixture(run, data, dedup)
         job = TokenizerJob(
             config=cfg, use_gpu=resolve_use_gpu(t.use_gpu), tracking_uri=run.tracking_uri,
             mlflow_run_id=run.run_id, section=section, train=train,
-            heldout_shards=[r for d in data for r in shard_records(d.manifest, "heldout")],
+            heldout=[MixtureSource(d.corpus, d.weight, shard_records(d.manifest, "heldout")) for d in data],
             export_url=storage.join(out_url, EXPORT_NAME), quarantine_url=storage.join(out_url, "quarantine.json"),
             init_url=init_url)
         fit(train_tokenizer_worker, job, t, out_url, TRAIN_RUN_NAME)

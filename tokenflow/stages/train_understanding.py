@@ -36,7 +36,7 @@ def run_train_understanding(cfg: TokenFlowConfig, align_data: list[StageData], d
     t = cfg.train_understanding
     every = list({d.corpus: d for d in [*align_data, *data]}.values())
     with open_llm_stage(cfg, STAGE, every, tokenizer_url, out_url, link) as run:
-        train, table = mixture_sources(run, data, "finetune/")
+        train, table = mixture_sources(run, data)
         align, align_table = mixture_sources(run, align_data, "align/") if t.align_steps else ([], [])
         fields = llm_job_fields(cfg, STAGE, run, data, tokenizer_url, out_url, train, align)
         rows = conversation_problems([u for s in train for u in s.shards], cfg.limits)

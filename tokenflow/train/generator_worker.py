@@ -24,7 +24,7 @@ from tokenflow.models.text import IMAGE_END, IMAGE_START, generation_prompt
 from tokenflow.seeding import seed_for
 from tokenflow.train.harness import Tracker, join_worker_group, mixture_values
 from tokenflow.train.jobs import GeneratorJob
-from tokenflow.train.llm_common import (engine_for, example_stream, export_llm, first_examples, load_llm_parts,
+from tokenflow.train.llm_common import (engine_for, example_stream, export_llm, heldout_examples, load_llm_parts,
                                         special_id)
 from tokenflow.train.loop import Schedule, run_loop
 
@@ -69,7 +69,7 @@ class GeneratorTask:
         self.rates = {"image_tokens_per_s": float(self.codebook.num_tokens)}
         self.prompts = _Prompts(tok, t.language_model.max_text_tokens)
         self.stream = example_stream(job.train, _expand, rank, world, t.seed)
-        self.heldout = first_examples(job.heldout_urls, _expand, t.heldout_samples)
+        self.heldout = heldout_examples(job.heldout, _expand, t.heldout_samples)
         if not self.heldout:
             raise ValueError("the held-out token shards hold no samples")
         self.sample_captions = [e.caption for e in self.heldout if e.caption][: t.sample_prompts]

@@ -111,7 +111,9 @@ class ImageStream:
                 watch.whole_epoch = drawn.position == 1 and drawn.plan is None
             seed = [self.seed + 7919 * source, drawn.epoch, self.rank, drawn.position - 1]
             image = self._augment(self.sources[source].shards[shard].name, sample, seed)
-            if image is not None:
+            if image is None:
+                self.stream.reject(source)  # the corpus's share counts usable images
+            else:
                 images.append(image)
                 watch.usable += 1
         return torch.stack(images)

@@ -25,7 +25,7 @@ class TokenizerJob(WorkerJob):
 
     section: str  # "train_tokenizer" | "finetune_decoder"
     train: list[MixtureSource[ShardRecord]]  # the corpora's training shards, mixed by weight
-    heldout_shards: list[ShardRecord]
+    heldout: list[MixtureSource[ShardRecord]]  # the corpora's held-out shards (held-out images by weight)
     export_url: str
     quarantine_url: str
     init_url: str | None = None
@@ -41,7 +41,7 @@ class LLMJob(WorkerJob):
     the shards' scales), the stage's text tokenizer and where the export goes."""
 
     train: list[TokenSource]  # the corpora's training token shards, mixed by weight
-    heldout_urls: list[str]
+    heldout: list[TokenSource]  # the corpora's held-out token shards (held-out examples by weight)
     tokenizer_url: str
     token_scales: list[int]
     text_tokenizer_url: str

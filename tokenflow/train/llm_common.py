@@ -18,7 +18,7 @@ from tokenflow.models.quantizer import CodebookFeatures
 from tokenflow.train.engines import deepspeed_config, make_engine
 from tokenflow.train.harness import gathered_state_dict
 from tokenflow.train.jobs import LLMJob
-from tokenflow.train.mixture import MixtureStream, TokenSource, mixture_stream
+from tokenflow.train.mixture import MixtureStream, TokenSource, mixture_stream, shares_of
 
 E = TypeVar("E")
 
@@ -47,6 +47,12 @@ def example_stream(sources: list[TokenSource], expand: Callable[[TokenSample], l
     """A resumable rank-sharded stream of the examples ``expand`` makes from each row of the
     mixture ``sources`` (rows deduplication dropped left out)."""
     return mixture_stream(sources, lambda url: iter_token_samples([url]), expand, rank, world, seed)
+
+
+def heldout_examples(sources: list[TokenSource], expand: Callable[[TokenSample], list[E]], count: int) -> list[E]:
+    """The first examples of each corpus's held-out shards, ``count`` split by weight (the same on
+    every rank)."""
+    return [e for source, n in zip(sources, shares_of(count, sources)) for e in first_examples(source.shards, expand, n)]
 
 
 def first_examples(urls: list[str], expand: Callable[[TokenSample], list[E]], count: int) -> list[E]:

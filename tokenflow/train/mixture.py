@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Generic, Iterable, TypeVar
 
 from tokenflow.train.sharded_stream import ShardedStream
@@ -96,6 +96,12 @@ class MixtureStream(Generic[T]):
         self._counts[source] += 1
         return source, shard, item
 
+    def reject(self, source: int) -> None:
+        """The last draw, from ``source``, gave nothing usable (an undecodable image): it is not
+        counted, so the next draw is from the same source and the proportions are of usable items."""
+        self.draws -= 1
+        self._counts[source] -= 1
+
     def resharded(self, states: list[dict[str, Any]]) -> dict[str, Any]:
         """This worker's state that continues from the mixture ``states`` of the workers of another
         world size (one per old rank, in rank order): each source re-sharded by
@@ -126,6 +132,29 @@ TokenSource = MixtureSource[str]
 
 def _url(shard: Any) -> str:
     return shard if isinstance(shard, str) else shard.url
+
+
+def shares_of(count: int, sources: list[MixtureSource[Any]]) -> list[int]:
+    """``count`` split over the sources by weight (largest remainders; the counts sum to ``count``):
+    how many held-out samples each corpus gives."""
+    total = sum(s.weight for s in sources)
+    exact = [count * s.weight / total for s in sources]
+    parts = [int(x) for x in exact]
+    for i in sorted(range(len(sources)), key=lambda i: parts[i] - exact[i])[: count - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
+def without_emptied(source: MixtureSource[S], rows: Callable[[S], int], min_rows: int) -> MixtureSource[S]:
+    """``source`` without the shards deduplication emptied (a worker whose share held only those
+    would find nothing to read); raises ValueError naming the corpus when fewer than ``min_rows``
+    rows are left (each worker needs one)."""
+    left = {_url(s): rows(s) - len(source.dropped.get(_url(s), ())) for s in source.shards}
+    if (total := sum(left.values())) < min_rows:
+        raise ValueError(f"corpus {source.corpus!r}: {total} training rows are left once the images an earlier "
+                         f"corpus of the mixture holds are dropped; the stage needs at least {min_rows} (one per "
+                         "worker)")
+    return replace(source, shards=[s for s in source.shards if left[_url(s)] > 0])
 
 
 def mixture_stream(sources: list[MixtureSource[S]], rows: Callable[[S], Iterable[Any]],

@@ -39,23 +39,32 @@ from tokenflow.train.harness import Tracker, join_worker_group, mixture_values
 from tokenflow.train.image_stream import ImageStream, QuarantinedSample
 from tokenflow.train.jobs import TokenizerJob
 from tokenflow.train.loop import Schedule, run_loop
+from tokenflow.train.mixture import MixtureSource, shares_of
 
 log = logging.getLogger(__name__)
 
 
-def heldout_images(records: list[ShardRecord], count: int, image_size: int,
-                   limits: SampleLimitsConfig) -> torch.Tensor:
-    """The first ``count`` decodable held-out images, centre-cropped: the same on every rank."""
-    images = []
+def _first_images(records: list[ShardRecord], count: int, image_size: int,
+                  limits: SampleLimitsConfig) -> list[torch.Tensor]:
+    images: list[torch.Tensor] = []
     for record in records:
         for sample in iter_record(record):
+            if len(images) == count:
+                return images
             if sample.problem is None:
                 try:
                     images.append(preprocess(decode_image(sample.image, limits), image_size))
                 except DecodeError:
                     continue
-            if len(images) == count:
-                return torch.stack(images)
+    return images
+
+
+def heldout_images(sources: list[MixtureSource[ShardRecord]], count: int, image_size: int,
+                   limits: SampleLimitsConfig) -> torch.Tensor:
+    """The first decodable held-out images of each corpus, ``count`` split by weight,
+    centre-cropped: the same on every rank."""
+    images = [image for source, n in zip(sources, shares_of(count, sources))
+              for image in _first_images(source.shards, n, image_size, limits)]
     if not images:
         raise ValueError("the held-out split has no decodable images")
     return torch.stack(images)
@@ -103,7 +112,7 @@ class TokenizerTask:
         limits = cfg.limits
         self.stream = ImageStream(job.train, rank, world, t.seed, tok.image_size, t.augment.min_scale, limits)
         self.world = world
-        self.heldout = heldout_images(job.heldout_shards, t.heldout_images, tok.image_size, limits).to(device)
+        self.heldout = heldout_images(job.heldout, t.heldout_images, tok.image_size, limits).to(device)
         self.baseline_psnr = float(psnr(mean_color_baseline(self.heldout), self.heldout).mean())
 
     def micro_step(self, step: int, micro: int) -> dict[str, float]:

@@ -22,7 +22,7 @@ from tokenflow.models.llm_weights import WEIGHTS_NAME, read_weights
 from tokenflow.models.understanding import UnderstandingModel, chat_batch
 from tokenflow.train.harness import Tracker, join_worker_group, mixture_values
 from tokenflow.train.jobs import UnderstandingJob
-from tokenflow.train.llm_common import engine_for, example_stream, export_llm, first_examples, load_llm_parts
+from tokenflow.train.llm_common import engine_for, example_stream, export_llm, heldout_examples, load_llm_parts
 from tokenflow.train.loop import Schedule, run_loop
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class UnderstandingTask:
                   partial(conversation_examples, split_turns=t.split_turns, limits=job.config.limits))
         self.stream = example_stream(job.train, expand, rank, world, t.seed)
         self.world = world
-        self.probes = [(e.tokens, q, a) for e in first_examples(job.heldout_urls, _probe_examples,
+        self.probes = [(e.tokens, q, a) for e in heldout_examples(job.heldout, _probe_examples,
                                                                  t.heldout_questions) for q, a in e.turns]
 
     def micro_step(self, step: int, micro: int) -> dict[str, float]:

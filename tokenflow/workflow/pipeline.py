@@ -25,7 +25,7 @@ from functools import partial
 from typing import Any, Callable
 
 from tokenflow import storage
-from tokenflow.config import TokenFlowConfig, config_hash
+from tokenflow.config import CORPUS_NOT_CONTENT, TokenFlowConfig, config_hash
 from tokenflow.data.stage_data import StageData
 from tokenflow.stages.stage_run import RunLink
 from tokenflow.workflow.durable import StageOutput
@@ -144,7 +144,8 @@ def _train_generator(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLi
 def _train_understanding(cfg: TokenFlowConfig, inputs: Inputs, out: str, link: RunLink) -> dict[str, Any]:
     from tokenflow.stages.train_understanding import run_train_understanding
 
-    return run_train_understanding(cfg, _data(cfg, inputs, "train_understanding.align", "pretokenize"),
+    align = _data(cfg, inputs, "train_understanding.align", "pretokenize") if cfg.train_understanding.align_steps else []
+    return run_train_understanding(cfg, align,
                                    _data(cfg, inputs, "train_understanding", "pretokenize"),
                                    _tokenizer_url(inputs), out, link)
 
@@ -212,7 +213,7 @@ def _corpora_used(cfg: TokenFlowConfig) -> list[str]:
     """Every corpus a stage reads, in first-use order (the tokenizer's first)."""
     names = [e.corpus for s in cfg.training_sections for e in cfg.stage_data(s)]
     if cfg.train_understanding is not None:
-        names += [e.corpus for e in cfg.stage_data("train_understanding.align")]
+        names += [e.corpus for e in cfg.understanding_data]
     return list(dict.fromkeys(names + [cfg.eval_corpus]))
 
 
@@ -222,9 +223,10 @@ def _corpus_specs(cfg: TokenFlowConfig) -> list[StageSpec]:
     specs = []
     for name in _corpora_used(cfg):
         stage = corpus_stage("corpus", name)
-        specs.append(StageSpec(stage, (), (f"corpora.{name}",), _STAGES + "corpus", partial(_corpus, name=name),
-                               (f"corpora.{name}.on_source_change",), libraries=CORPUS_LIBRARIES,
-                               sources=partial(_corpus_sources, name=name)))
+        packed = ("limits",) if cfg.corpora[name].format == "llava" else ()  # records past the limits are not packed
+        specs.append(StageSpec(stage, (), (f"corpora.{name}",) + packed, _STAGES + "corpus",
+                               partial(_corpus, name=name), tuple(f"corpora.{name}.{k}" for k in CORPUS_NOT_CONTENT),
+                               libraries=CORPUS_LIBRARIES, sources=partial(_corpus_sources, name=name)))
     for name in cfg.token_corpora:
         specs.append(StageSpec(corpus_stage("pretokenize", name), (corpus_stage("corpus", name), "train_tokenizer"),
                                ("pretokenize", "limits"), _STAGES + "pretokenize", partial(_pretokenize, name=name),
@@ -261,7 +263,7 @@ def stages(cfg: TokenFlowConfig) -> tuple[StageSpec, ...]:
                                 "tokenizer.loss_weights", "limits"), _STAGES + "train_tokenizer", _finetune_decoder,
                                _excluded("finetune_decoder", *tokenizer_excluded), "finetune_decoder",
                                TRAINING_LIBRARIES))
-    specs.append(StageSpec("eval_reconstruction", decoding, ("eval.reconstruction", "eval.seed", "eval.corpus", "limits"),
+    specs.append(StageSpec("eval_reconstruction", decoding, ("eval.reconstruction", "eval.seed", "limits"),
                            _STAGES + "eval_reconstruction", partial(_eval_reconstruction, decoder=decoder),
                            device="eval"))
     specs += [s for s in corpus_specs if not s.name.startswith("corpus.")]
@@ -274,22 +276,21 @@ def stages(cfg: TokenFlowConfig) -> tuple[StageSpec, ...]:
                                _excluded("train_generator", "eval_every", "heldout_samples", "sample_prompts",
                                          "sampling"), "train_generator", TRAINING_LIBRARIES))
     if cfg.train_understanding is not None:
-        token_inputs = dict.fromkeys(_stage_inputs(cfg, "train_understanding.align", "pretokenize")
-                                     + _stage_inputs(cfg, "train_understanding", "pretokenize"))
+        token_inputs = dict.fromkeys(corpus_stage("pretokenize", e.corpus) for e in cfg.understanding_data)
         specs.append(StageSpec("train_understanding", tuple(token_inputs) + ("train_tokenizer",),
                                ("train_understanding", "limits"),
                                _STAGES + "train_understanding", _train_understanding,
                                _excluded("train_understanding", "eval_every", "heldout_questions", "max_new_tokens"),
                                "train_understanding", TRAINING_LIBRARIES))
     if gen is not None:  # sampling is inference: it belongs to the evaluation, not to the training
-        sampling = ("eval.seed", "eval.corpus", "train_generator.sampling", "train_generator.tokenizer_view",
+        sampling = ("eval.seed", "train_generator.sampling", "train_generator.tokenizer_view",
                     "train_generator.language_model.max_text_tokens", "limits")
         specs += [StageSpec("eval_generation", decoding + ("train_generator",), ("eval.generation",) + sampling,
                             _STAGES + "eval_generation", partial(_eval_generation, decoder=decoder), device="eval"),
                   StageSpec("eval_dpg", decoding + ("train_generator",), ("eval.dpg",) + sampling,
                             _STAGES + "eval_dpg", partial(_eval_dpg, decoder=decoder), device="eval")]
     if cfg.train_understanding is not None:
-        answering = ("eval.seed", "eval.corpus", "train_understanding.max_new_tokens",
+        answering = ("eval.seed", "train_understanding.max_new_tokens",
                      "train_understanding.language_model.max_text_tokens", "limits")
         specs += [StageSpec("eval_understanding", (eval_corpus, "train_tokenizer", "train_understanding"),
                             ("eval.understanding",) + answering, _STAGES + "eval_understanding", _eval_understanding,
