@@ -100,7 +100,7 @@ def test_lost_worker_restarts_the_group_from_its_checkpoint(ray_local, token_sha
     if stage == "train_understanding":
         args += ("align_steps=2", "split_turns=true", "heldout_questions=4")
     def train(out):
-        data = _data(token_shards) * (2 if stage == "train_understanding" else 1)  # align_data, data
+        data = [_data(token_shards)] * (2 if stage == "train_understanding" else 1)  # (align_data,) data
         return {**run(_config(stage, out, *args), *data, str(tiny_tokenizer_path), str(out)), "out": out}
 
     straight = train(tmp_path / "straight")
