@@ -45,12 +45,13 @@ def token_shard_urls(token_manifest: dict[str, Any], token_url: str, split: str)
     return [storage.join(token_url, e["path"]) for e in token_manifest["splits"][split]["shards"]]
 
 
-def check_tokenizer(token_manifest: dict[str, Any], tokenizer_url: str) -> str:
-    """The tokenizer export's sha256, after checking it made these token shards."""
+def check_tokenizer(token_manifests: list[dict[str, Any]], tokenizer_url: str) -> str:
+    """The tokenizer export's sha256 (read once), after checking it made every set of token shards."""
     digest = file_sha256(storage.local_path(tokenizer_url))
-    if token_manifest["inputs"]["tokenizer"] != digest:
-        raise TokenShardError(f"{tokenizer_url} (sha256 {digest[:12]}) did not make these token shards "
-                              f"(made by {token_manifest['inputs']['tokenizer'][:12]})")
+    for manifest in token_manifests:
+        if manifest["inputs"]["tokenizer"] != digest:
+            raise TokenShardError(f"{tokenizer_url} (sha256 {digest[:12]}) did not make these token shards "
+                                  f"(made by {manifest['inputs']['tokenizer'][:12]})")
     return digest
 
 
@@ -95,11 +96,10 @@ def open_llm_stage(cfg: TokenFlowConfig, stage: str, data: list[StageData], toke
     return the stage's run, to be entered (``with``) around the training."""
     if getattr(cfg, stage) is None:
         raise ConfigError(f"the config has no {stage} section")
-    inputs = {}
     for d in data:
         check_view(d.manifest, d.url, view)
-        inputs[f"tokens.{d.corpus}"] = content_digest(d.manifest)
-        inputs["tokenizer"] = check_tokenizer(d.manifest, tokenizer_url)
+    inputs = {**{f"tokens.{d.corpus}": content_digest(d.manifest) for d in data},
+              "tokenizer": check_tokenizer([d.manifest for d in data], tokenizer_url)}
     return StageRun(cfg, stage, {stage}, out_url, inputs, link, _DESCRIPTIONS[stage])
 
 
