@@ -38,10 +38,15 @@ log = logging.getLogger(__name__)
 PREPROCESS_VERSION = "short-side-bicubic-center-crop/1"
 
 
-def token_shard_url(out_url: str, split: str, shard_name: str) -> str:
-    """Where the token shard for a corpus shard goes (name derived from the input's)."""
+def token_shard_path(split: str, shard_name: str) -> str:
+    """A corpus shard's token shard, relative to the stage's output (named after the input)."""
     stem = shard_name.rsplit(".", 1)[0]
-    return storage.join(out_url, "shards", split, f"{stem}.parquet")
+    return f"shards/{split}/{stem}.parquet"
+
+
+def token_shard_url(out_url: str, split: str, shard_name: str) -> str:
+    """Where the token shard for a corpus shard goes."""
+    return storage.join(out_url, token_shard_path(split, shard_name))
 
 
 def quarantine_part_url(out_url: str, split: str, shard_name: str) -> str:

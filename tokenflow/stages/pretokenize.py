@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
@@ -27,7 +28,7 @@ from tokenflow.config import (DEFAULT_LIMITS, PretokenizeConfig, SampleLimitsCon
 from tokenflow.data.manifest import MANIFEST_NAME, ShardRecord, content_digest, file_digest, shard_records
 from tokenflow.data.quarantine import check_quarantine_ceiling
 from tokenflow.data.shard_encoder import (ShardEncoder, encoding_hash, quarantine_part_url,
-                                          token_shard_url)
+                                          token_shard_path, token_shard_url)
 from tokenflow.data.token_shards import (QUARANTINE_NAME, QUARANTINE_SCHEMA,
                                          SCHEMA_VERSION, TokenShardError, parquet_bytes,
                                          read_shard_info, read_table)
@@ -135,7 +136,7 @@ def encode_corpus(corpus_manifest: dict[str, Any], tokenizer_url: str, tokenizer
              for r in shard_records(corpus_manifest, split)]
     for attempt in range(1, cfg.max_attempts + 1):
         try:
-            per_node = _encode_attempt(items, tokenizer_url, out_url, cfg, view, limits)
+            per_node = _encode_attempt(items, tokenizer_url, tokenizer_digest, out_url, cfg, view, limits)
             break
         except Exception as exc:
             if not _lost_to_the_cluster(exc):
@@ -151,17 +152,39 @@ def encode_corpus(corpus_manifest: dict[str, Any], tokenizer_url: str, tokenizer
     return finalize(corpus_manifest, out_url, tokenizer_digest, cfg, view, limits), per_node
 
 
-def _encode_attempt(items: list[dict[str, Any]], tokenizer_url: str, out_url: str, cfg: PretokenizeConfig,
-                    view: TokenizerView | None, limits: SampleLimitsConfig) -> dict[str, int]:
-    """One run of the actor pool over every shard (written ones are skipped); the number of
-    shards each node encoded."""
+def _unwritten(items: list[dict[str, Any]], out_url: str, tokenizer_digest: str, cfg: PretokenizeConfig,
+               view: TokenizerView | None, limits: SampleLimitsConfig) -> list[dict[str, Any]]:
+    """The shards without a token shard yet. One listing of the output; the token shards found
+    there (written atomically, so complete) must come from this encoding of their source shard:
+    their footers are read in parallel, and a shard made from other inputs is refused."""
+    written = set(storage.file_sizes(out_url))
+    paths = [token_shard_path(item["split"], item["name"]) for item in items]
+    found = [(item, storage.join(out_url, path)) for item, path in zip(items, paths) if path in written]
+    wanted = encoding_hash(tokenizer_digest, cfg.micro_batch, view, limits)
+    with ThreadPoolExecutor(min(32, max(1, len(found)))) as pool:
+        for (item, url), info in zip(found, pool.map(read_shard_info, [url for _, url in found])):
+            if (info.encoding_hash, info.tokenizer_digest, info.source_sha256) != (wanted, tokenizer_digest,
+                                                                                     item["sha256"]):
+                raise TokenShardError(f"{url} exists but was made from other inputs ({info}); refusing to mix "
+                                      "encodings in one output")
+    return [item for item, path in zip(items, paths) if path not in written]
+
+
+def _encode_attempt(items: list[dict[str, Any]], tokenizer_url: str, tokenizer_digest: str, out_url: str,
+                    cfg: PretokenizeConfig, view: TokenizerView | None, limits: SampleLimitsConfig) -> dict[str, int]:
+    """One run of the actor pool over the shards not yet written (none started when every shard
+    is); the number of shards each node encoded."""
     import ray
 
     gpus = _resolve_gpus(cfg)
     if removed := storage.remove_stale_temps(out_url):
         log.info("removed %d temp files left by an interrupted run", removed)
+    pending = _unwritten(items, out_url, tokenizer_digest, cfg, view, limits)
+    if not pending:
+        log.info("pretokenize: all %d shards already encoded", len(items))
+        return {}
     start = time.perf_counter()
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+    ds = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
         _EncoderActor,
         fn_constructor_kwargs=dict(
             tokenizer_url=tokenizer_url, out_url=out_url, batch_size=cfg.batch_size,
@@ -193,7 +216,7 @@ def _encode_attempt(items: list[dict[str, Any]], tokenizer_url: str, out_url: st
         per_node[r["node"]] = per_node.get(r["node"], 0) + 1
     rows = sum(r["rows"] for r in done)
     log.info("pretokenize: %d shards encoded (%d already done), %d samples in %.1fs (%.1f samples/s), "
-             "%d quarantined", len(done), len(results) - len(done), rows, elapsed,
+             "%d quarantined", len(done), len(items) - len(done), rows, elapsed,
              rows / max(elapsed, 1e-9), sum(r["quarantined"] for r in done))
     return per_node
 
@@ -227,8 +250,8 @@ def finalize(corpus_manifest: dict[str, Any], out_url: str, tokenizer_digest: st
                     f"{split}/{record.name}: {n_rows} tokenized + {q_table.num_rows} quarantined "
                     f"!= {record.samples} samples in the corpus manifest")
             size, sha = file_digest(url)
-            entries.append({"name": record.name.rsplit(".", 1)[0] + ".parquet",
-                            "path": f"shards/{split}/{record.name.rsplit('.', 1)[0]}.parquet",
+            path = token_shard_path(split, record.name)
+            entries.append({"name": storage.basename(path), "path": path,
                             "source": record.name, "source_samples": record.samples,
                             "rows": n_rows, "quarantined": q_table.num_rows,
                             "bytes": size, "sha256": sha})
