@@ -75,9 +75,11 @@ class _Case:
 
 def _first_shards(manifest: dict[str, Any], count: int) -> tuple[dict[str, Any], int]:
     """The corpus manifest cut to the first ``count`` shards of its train split, and their images."""
-    shards = manifest["splits"]["train"]["shards"][:count]
-    split = {"shards": shards, "samples": sum(s["samples"] for s in shards), "bytes": sum(s["bytes"] for s in shards)}
-    return {**manifest, "splits": {"train": split}}, split["samples"]
+    from tokenflow.data.manifest import corpus_manifest, manifest_reader, shard_records
+
+    cut = corpus_manifest({"train": shard_records(manifest, "train")[:count]}, manifest["source"],
+                          manifest_reader(manifest))
+    return cut, cut["splits"]["train"]["samples"]
 
 
 def make_b_tokenizer(path: Path) -> Path:

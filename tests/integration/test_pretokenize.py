@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -23,7 +24,8 @@ from tokenflow.data.shard_encoder import ShardEncoder
 from tokenflow.data.shapes import write_shapes_corpus
 from tokenflow.data.token_shards import iter_token_samples, read_table
 from tokenflow.data.verify import verify_token_shards
-from tokenflow.stages.pretokenize import pretokenize_corpus
+from tokenflow.models.weights import file_sha256
+from tokenflow.stages.pretokenize import encode_corpus, pretokenize_corpus
 
 from tests.conftest import MODEL_CONFIGS, REPO
 from tests.integration.conftest import ProcessKiller, assert_resources_released
@@ -163,6 +165,10 @@ def test_rerun_skips_finished_shards_and_refuses_foreign_outputs(ray_local, mixe
     pretokenize_corpus(mixed_corpus, str(tiny_tokenizer_path), str(out), cfg, limits=BROKEN_ON_PURPOSE)
     assert _file_tree(out) == before
     assert mtimes == {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.parquet")}
+    # Every shard written: the driver starts no actor (one would fail loading this absent export).
+    manifest, per_node = encode_corpus(mixed_corpus, str(tmp_path / "absent.safetensors"),
+                                       file_sha256(tiny_tokenizer_path), str(out), cfg, limits=BROKEN_ON_PURPOSE)
+    assert per_node == {} and manifest["splits"] == json.loads((out / "_MANIFEST.json").read_text())["splits"]
 
     import torch
     from tokenflow.models.tokenizer import TokenFlowTokenizer
@@ -203,8 +209,6 @@ def test_the_entry_point_writes_verified_shards(tiny_tokenizer_path, tmp_path):
     """pipelines/pretokenize.py as a user runs it: a fresh driver on its own local Ray writes a
     manifest and shards that verify. (A driver killed mid-stage, then re-run, is
     tests/integration/test_pipeline_kill.py, through the pipeline.)"""
-    import json
-
     from tokenflow.config import CorpusConfig, ShapesCorpusConfig
     from tokenflow.stages.corpus import build_corpus
 

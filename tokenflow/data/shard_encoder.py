@@ -28,7 +28,7 @@ from tokenflow.config import DEFAULT_LIMITS, SampleLimitsConfig, TokenizerView, 
 from tokenflow.data.corpus import RawSample, iter_record
 from tokenflow.data.decode import DecodeError, decode_image, preprocess, sha256_hex
 from tokenflow.data.manifest import ShardRecord
-from tokenflow.data.token_shards import (QUARANTINE_SCHEMA, TokenShardError, TokenShardInfo,
+from tokenflow.data.token_shards import (QUARANTINE_SCHEMA, SCHEMA_VERSION, TokenShardError, TokenShardInfo,
                                          build_token_table, parquet_bytes, read_shard_info)
 from tokenflow.models.tokenizer import TokenFlowTokenizer
 from tokenflow.models.weights import file_sha256, load_tokenizer
@@ -63,6 +63,14 @@ def encoding_hash(tokenizer_digest: str, micro_batch: int, view: TokenizerView |
     if view is not None:
         identity["view"] = view.model_dump(mode="json")
     return config_hash(identity)
+
+
+def made_by(info: TokenShardInfo, tokenizer_digest: str, encoding: str, source_shard: str, source_sha256: str) -> bool:
+    """Whether a token shard (its ``info``) is encoding ``encoding`` of tokenizer ``tokenizer_digest``
+    applied to this source shard, in this schema (scales and codebook size follow from the
+    tokenizer and the view, both in ``encoding``)."""
+    return ((info.schema_version, info.tokenizer_digest, info.encoding_hash, info.source_shard, info.source_sha256)
+            == (SCHEMA_VERSION, tokenizer_digest, encoding, source_shard, source_sha256))
 
 
 @dataclass(frozen=True)
@@ -137,9 +145,9 @@ class ShardEncoder:
         url = token_shard_url(self.out_url, split, record.name)
         if not storage.exists(url):
             return False
-        found, wanted = read_shard_info(url), self.info_for(record)
-        if found != wanted:
-            raise TokenShardError(f"{url} exists but was made from other inputs ({found} != {wanted}); "
+        found = read_shard_info(url)
+        if not made_by(found, self.tokenizer_digest, self.encoding_hash, record.name, record.sha256):
+            raise TokenShardError(f"{url} exists but was made from other inputs ({found} != {self.info_for(record)}); "
                                   "refusing to mix encodings in one output")
         return True
 
