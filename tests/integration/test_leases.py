@@ -50,7 +50,10 @@ def test_two_runs_one_stage_runs_once_and_the_other_reuses_it(root):
         t.join()
     assert len(made) == 1 and sorted(results.values()) == [False, True], results
     assert output.complete()
-    assert _holder(output).released and _holder(output).owner == made[0]
+    # left released: by the maker, or by the other run, which may take the released lease to
+    # re-check the output under it before it reuses it
+    holder = _holder(output)
+    assert holder.released and holder.owner in results
 
 
 def test_a_dead_runs_lease_expires_and_is_taken_over(root):
