@@ -165,6 +165,25 @@ def test_pairs_dedup_keeps_new_text_about_an_image_and_images_dedup_does_not(tmp
     assert by_image.counts["b"] == 2 and by_pair.dropped["b"] == {b: frozenset({"b0"})}
 
 
+def test_the_unigram_baseline_counts_only_the_rows_training_reads(tmp_path):
+    """Rows deduplication dropped from a later corpus do not shape the no-input loss baseline."""
+    import math
+
+    import numpy as np
+
+    from tokenflow.data.token_shards import TokenShardInfo, build_token_table, parquet_bytes
+    from tokenflow.stages.llm_stage import unigram_entropy
+    from tokenflow.train.mixture import MixtureSource
+
+    info = TokenShardInfo((1, 2), 16, "t", "e", "s", "x")
+    url = str(tmp_path / "b.parquet")
+    tokens = np.array([[0] * 5, [1] * 5])  # b0 all token 0, b1 all token 1
+    table = build_token_table(["b0", "b1"], tokens, [None, None], [None, None], ["d0", "d1"], info)
+    (tmp_path / "b.parquet").write_bytes(parquet_bytes(table))
+    assert math.isclose(unigram_entropy([MixtureSource("b", 1.0, [url])], 16), math.log(2))
+    assert unigram_entropy([MixtureSource("b", 1.0, [url], {url: frozenset({"b1"})})], 16) == 0.0
+
+
 def test_shards_deduplication_emptied_leave_the_mixture_and_an_emptied_corpus_is_refused():
     from tokenflow.train.mixture import MixtureSource, shares_of, without_emptied
 

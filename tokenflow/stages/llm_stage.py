@@ -68,13 +68,17 @@ def prepare_text_tokenizer(cfg: LanguageModelConfig, train_urls: list[str], url:
 
 def unigram_entropy(sources: list[TokenSource], codebook_size: int) -> float:
     """Entropy (nats) of the token unigram distribution of the training mixture (each corpus's
-    frequencies weighted by its share): the loss of a model that ignores every input."""
+    frequencies weighted by its share, over the rows training reads: deduplication's dropped rows
+    left out): the loss of a model that ignores every input."""
     mixed = np.zeros(codebook_size, dtype=np.float64)
     total_weight = sum(s.weight for s in sources)
     for source in sources:
         counts = np.zeros(codebook_size, dtype=np.int64)
-        for sample in iter_token_samples(source.shards):
-            counts += np.bincount(sample.tokens, minlength=codebook_size)
+        for shard in source.shards:
+            dropped = source.dropped.get(shard, frozenset())
+            for sample in iter_token_samples([shard]):
+                if sample.key not in dropped:
+                    counts += np.bincount(sample.tokens, minlength=codebook_size)
         if counts.sum():
             mixed += source.weight / total_weight * counts / counts.sum()
     p = mixed[mixed > 0] / mixed.sum() if mixed.sum() else mixed[:0]
