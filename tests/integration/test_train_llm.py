@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import mlflow
 import pytest
 import torch
@@ -14,6 +16,7 @@ from tokenflow.models.sampling import sample_tokens
 from tokenflow.models.weights import load_tokenizer
 from tokenflow.stages.train_generator import run_train_generator
 from tokenflow.stages.train_understanding import run_train_understanding
+from tokenflow.train.understanding_worker import ALIGNED_FILE
 
 from tests.conftest import MODEL_CONFIGS, one_corpus
 from tests.integration.conftest import TINY_LM, ProcessKiller, worker_killer
@@ -91,7 +94,8 @@ def test_lost_worker_restarts_the_group_from_its_checkpoint(ray_local, token_sha
                                                             stage):
     """One SIGKILLed worker mid-training: Ray Train restarts the group, which resumes from the
     latest checkpoint (engines, data position, RNG) to the uninterrupted run's losses and
-    export, byte for byte, and the run records it."""
+    export, byte for byte, and the run records it. The understanding stage's killed run starts
+    from the straight run's finished align phase (a re-run skips it) and is killed in finetune."""
     manifest, url = token_shards
     run = {"train_generator": run_train_generator, "train_understanding": run_train_understanding}[stage]
     args = ("steps=24", "checkpoint_every=3", "eval_every=100", "deepspeed=zero2")
@@ -104,6 +108,9 @@ def test_lost_worker_restarts_the_group_from_its_checkpoint(ray_local, token_sha
         return {**run(_config(stage, out, *args), *data, str(tiny_tokenizer_path), str(out)), "out": out}
 
     straight = train(tmp_path / "straight")
+    if stage == "train_understanding":  # the killed run resumes after a finished align phase, as a re-run does
+        (tmp_path / "killed" / "align").mkdir(parents=True)
+        shutil.copy(tmp_path / "straight" / "align" / ALIGNED_FILE, tmp_path / "killed" / "align")
     killer = worker_killer(tmp_path / "killed" / "checkpoints", "finetune" if stage == "train_understanding" else "train")
     killer.start()
     killed = train(tmp_path / "killed")
