@@ -121,6 +121,40 @@ def test_duplicates_across_corpora_are_dropped_from_the_later_corpus_and_counted
     assert swapped.dropped["b"] == {"b0": frozenset({"b2"})} and swapped.counts == {"c": 0, "b": 1, "a": 3}
 
 
+def test_duplicates_match_a_plain_reading_of_the_rule_on_random_corpora():
+    """First occurrence wins across corpora (mixture, shard, row order); repeats inside a corpus
+    are counted, not dropped: checked against a direct set-based reading on random data, with
+    digests that share their leading bytes."""
+    import random
+
+    rng = random.Random(0)
+    pool = [_digest(str(i)) for i in range(300)]
+    pool += ["ab" * 8 + digest[16:] for digest in pool[:20]]  # sharing their first 8 bytes
+    shards = {f"{c}{s}": [(f"{c}{s}-{r}", rng.choice(pool)) for r in range(rng.randrange(0, 40))]
+              for c in "abc" for s in range(rng.randrange(1, 30))}
+    corpora = [(c, [s for s in shards if s[0] == c]) for c in "abc"]
+    dup = find_duplicates(corpora, shards.__getitem__)
+
+    earlier: set[str] = set()
+    for name, names in corpora:
+        mine: set[str] = set()
+        dropped, within = {}, 0
+        for shard in names:
+            keys = set()
+            for key, digest in shards[shard]:
+                if digest in earlier:
+                    keys.add(key)
+                elif digest in mine:
+                    within += 1
+                mine.add(digest)
+            if keys:
+                dropped[shard] = frozenset(keys)
+        earlier |= mine
+        assert dup.dropped[name] == dropped and dup.counts[name] == sum(map(len, dropped.values())), name
+        assert dup.within[name] == within, name
+    assert sum(dup.counts.values()) > 0 and sum(dup.within.values()) > 0
+
+
 def test_a_single_corpus_is_not_read_for_duplicates():
     assert find_duplicates([("a", ["a0"])], lambda shard: pytest.fail("read")).dropped == {}
 
@@ -128,6 +162,8 @@ def test_a_single_corpus_is_not_read_for_duplicates():
 def test_a_row_without_an_image_digest_is_an_error_naming_it():
     with pytest.raises(ValueError, match="a0: sample 'k' has no sha256 image digest"):
         find_duplicates([("a", ["a0"]), ("b", [])], lambda shard: [("k", None)])
+    with pytest.raises(ValueError, match="a0: sample 'k' has no sha256 image digest"):
+        find_duplicates([("a", ["a0"]), ("b", [])], lambda shard: [("k", "z" * 64)])
 
 
 def test_the_data_docs_config_snippets_validate(tmp_path):
