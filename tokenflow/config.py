@@ -249,7 +249,7 @@ class ShapesCorpusConfig(StrictModel):
 
 
 CorpusFormat = Literal["auto", "webdataset", "parquet", "llava"]
-CorpusText = Literal["captions", "conversations"]
+CorpusText = Literal["captions", "conversations", "scenes"]  # scenes: the shapes scene records
 CORPUS_NAME = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 
 
@@ -294,8 +294,9 @@ class CorpusConfig(StrictModel):
     heldout_shards: int = Field(1, ge=0)
     texts: tuple[CorpusText, ...] | None = Field(
         default=None, description="What text the samples carry, checked against the stages using the "
-        "corpus before any cluster work; None: from the format (shapes: both; webdataset: captions; "
-        "parquet: captions when columns.caption is set; llava: conversations). [] for images only.")
+        "corpus before any cluster work; None: from the format (shapes: captions, conversations and "
+        "scenes, the scene records the shapes benchmarks read; webdataset: captions; parquet: captions "
+        "when columns.caption is set; llava: conversations). [] for images only.")
     webdataset: WebdatasetConfig = WebdatasetConfig()
     columns: ParquetColumnsConfig = ParquetColumnsConfig()
     llava: LlavaConfig | None = None
@@ -324,7 +325,7 @@ class CorpusConfig(StrictModel):
         if self.texts is not None:
             return frozenset(self.texts)
         if self.source == "shapes":
-            return frozenset({"captions", "conversations"})
+            return frozenset({"captions", "conversations", "scenes"})
         if self.format == "llava":
             return frozenset({"conversations"})
         if self.format in ("parquet", "auto") and self.columns.caption is None:
@@ -930,7 +931,23 @@ class TokenFlowConfig(StrictModel):
                                      "corpus has them)")
         if self.eval.corpus is not None and self.eval.corpus not in self.corpora:
             raise ValueError(f"eval.corpus: no corpus {self.eval.corpus!r} in corpora")
+        self._shapes_benchmarks_have_scenes()
         return self
+
+    def _shapes_benchmarks_have_scenes(self) -> None:
+        """The shapes benchmarks of the evaluations that run build their sets from the scene records
+        of the evaluation corpus's held-out split: refuse a corpus without them."""
+        runs = {"generation": self.train_generator, "dpg": self.train_generator,
+                "understanding": self.train_understanding, "pope": self.train_understanding}
+        shapes = [f"eval.{name}" for name, model in runs.items()
+                  if model is not None and getattr(self.eval, name).benchmark == "shapes"]
+        corpus = self.eval_corpus
+        if shapes and "scenes" not in self.corpora[corpus].holds:
+            raise ValueError(f"{', '.join(shapes)}: benchmark shapes builds its set from the scene records of "
+                             f"the held-out split of eval.corpus {corpus!r}, which holds "
+                             f"{sorted(self.corpora[corpus].holds) or 'no text'}; choose the release benchmark, "
+                             f"point eval.corpus at a shapes corpus, or set corpora.{corpus}.texts to include "
+                             "scenes if its samples carry them")
 
     @property
     def generation_view(self) -> TokenizerView | None:

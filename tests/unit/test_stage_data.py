@@ -79,6 +79,9 @@ def test_a_mixture_changes_only_the_stages_that_read_it(tmp_path):
     (["train_generator.data=[{corpus: shapes, weight: 0}]"], "greater than 0"),
     (TWO + ["train_tokenizer.data=null"], "train_tokenizer.data: name the corpora it trains on (2 are defined: extra, shapes)"),
     (["eval.corpus=laion"], "eval.corpus: no corpus 'laion'"),
+    (TWO + ["eval.corpus=extra", "train_understanding=null"],
+     "eval.generation, eval.dpg: benchmark shapes builds its set from the scene records of the held-out split "
+     "of eval.corpus 'extra', which holds ['captions']"),
     (["corpora.shapes.format=llava"], "format llava needs the llava section"),
     (["corpora.Bad Name.source=shapes", "train_tokenizer.data=[{corpus: shapes}]", "train_generator.data=[{corpus: shapes}]",
       "train_understanding.data=[{corpus: shapes}]"], "must match"),
@@ -87,6 +90,13 @@ def test_a_stage_without_suitable_data_is_rejected_at_validation(overrides, mess
     with pytest.raises(ConfigError) as err:
         load_config(SMOKE, overrides)
     assert message in str(err.value)
+
+
+def test_shapes_benchmarks_run_on_a_corpus_declared_to_carry_scenes_or_not_at_all():
+    indexed = TWO + ["eval.corpus=extra", "corpora.extra.texts=[captions, scenes]"]
+    assert load_config(SMOKE, indexed).eval_corpus == "extra"  # e.g. a shapes corpus written to a bucket
+    no_llm = ["train_generator=null", "train_understanding=null"]  # reconstruction reads images only
+    assert load_config(SMOKE, TWO + ["eval.corpus=extra"] + no_llm).eval_corpus == "extra"
 
 
 def test_llava_json_gives_the_understanding_model_conversations_and_no_captions():

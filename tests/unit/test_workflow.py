@@ -44,7 +44,7 @@ def completed(tmp_path_factory):
 
 
 CORPUS, TOKENS, VIEW_TOKENS = "corpus.shapes", "pretokenize.shapes", "pretokenize_generation.shapes"
-TEXTS = "texts: [captions, conversations]"  # what an indexed stand-in for the shapes corpus carries
+TEXTS = "texts: [captions, conversations, scenes]"  # what an indexed stand-in for the shapes corpus carries
 ALL = {CORPUS, "train_tokenizer", "eval_reconstruction", TOKENS, "train_generator", "train_understanding",
        "eval_generation", "eval_dpg", "eval_understanding", "eval_pope"}
 
