@@ -172,8 +172,29 @@ def test_a_single_corpus_is_not_read_for_duplicates():
 def test_a_row_without_an_image_digest_is_an_error_naming_it():
     with pytest.raises(ValueError, match="a0: sample 'k' has no sha256 image digest"):
         find_duplicates([("a", ["a0"]), ("b", [])], lambda shard: [("k", None)])
-    with pytest.raises(ValueError, match="a0: sample 'k' has no sha256 image digest"):
-        find_duplicates([("a", ["a0"]), ("b", [])], lambda shard: [("k", "z" * 64)])
+    good = _digest("an image")
+    for bad in ("z" * 64, "  " + good[:62], good.encode(), 7):  # fromhex would skip the spaces
+        with pytest.raises(ValueError, match="a0: sample 'k' has no sha256 image digest"):
+            find_duplicates([("a", ["a0"]), ("b", [])], lambda shard: [("j", good), ("k", bad)])
+
+
+def test_a_bad_shard_fails_without_waiting_for_the_reads_ahead_of_it():
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def rows(shard: str) -> list[tuple[str, str]]:
+        if shard == "a0":
+            return [("k", None)]
+        release.wait(60)  # a slow object store
+        return []
+
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="a0: sample 'k'"):
+        find_duplicates([("a", ["a0", "a1", "a2"]), ("b", ["b0"])], rows)
+    assert time.monotonic() - started < 30
+    release.set()
 
 
 def test_the_data_docs_config_snippets_validate(tmp_path):

@@ -73,7 +73,8 @@ def find_duplicates(corpora: list[tuple[str, list[str]]],
 def _read_in_order(shards: list[str], digests: Callable[[str], Iterable[tuple[str, str]]]
                    ) -> Iterator[tuple[str, list[tuple[str, str]]]]:
     """``(shard, its rows)`` in shard order, up to ``READ_AHEAD`` shards read ahead."""
-    with ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="dedup-read") as pool:
+    pool = ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="dedup-read")
+    try:
         pending: deque = deque()
         for shard in shards:
             pending.append((shard, pool.submit(lambda s: list(digests(s)), shard)))
@@ -83,6 +84,8 @@ def _read_in_order(shards: list[str], digests: Callable[[str], Iterable[tuple[st
         while pending:
             shard_id, future = pending.popleft()
             yield shard_id, future.result()
+    finally:  # a bad shard fails at once, not after the reads ahead of it
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _leading_words(digests: np.ndarray) -> np.ndarray:
@@ -108,17 +111,22 @@ def _checked(shard: str, rows: list[tuple[str, str]]) -> tuple[list[str], np.nda
     """The rows' keys and truncated digests; ValueError naming a row without a sha256 digest."""
     keys, hexes = [k for k, _ in rows], [d for _, d in rows]
     try:
-        if len(set(map(len, hexes)) - {64}):
-            raise ValueError
-        raw = np.frombuffer(bytes.fromhex("".join(hexes)), dtype=np.uint8).reshape(len(rows), 32)
+        raw = bytes.fromhex("".join(hexes)) if set(map(len, hexes)) <= {64} else b""
     except (TypeError, ValueError):
+        raw = b""
+    if len(raw) != 32 * len(rows):  # fromhex skips whitespace: the length catches it too
         for key, digest in rows:
-            try:
-                bytes.fromhex(digest if isinstance(digest, str) and len(digest) == 64 else "-")
-            except ValueError:
-                raise ValueError(f"{shard}: sample {key!r} has no sha256 image digest ({digest!r})") from None
-        raise
-    return keys, np.ascontiguousarray(raw[:, :DIGEST_BYTES]).view(f"S{DIGEST_BYTES}").ravel()
+            if not _is_sha256_hex(digest):
+                raise ValueError(f"{shard}: sample {key!r} has no sha256 image digest ({digest!r})")
+    table = np.frombuffer(raw, dtype=np.uint8).reshape(len(rows), 32)
+    return keys, np.ascontiguousarray(table[:, :DIGEST_BYTES]).view(f"S{DIGEST_BYTES}").ravel()
+
+
+def _is_sha256_hex(digest: object) -> bool:
+    try:
+        return isinstance(digest, str) and len(digest) == 64 and len(bytes.fromhex(digest)) == 32
+    except ValueError:
+        return False
 
 
 def token_shard_digests(url: str, pairs: bool = False) -> list[tuple[str, str]]:

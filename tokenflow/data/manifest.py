@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -137,6 +138,9 @@ def digests_url(corpus_url: str, split: str, shard_name: str) -> str:
     return storage.join(corpus_url, DIGESTS_DIR, split, f"{shard_name}.parquet")
 
 
+_WHOLE_SHARD_READS = threading.BoundedSemaphore(2)  # sample_digests' fallback, process-wide
+
+
 def sample_digests(corpus_url: str, split: str, record: ShardRecord) -> list[tuple[str, str]]:
     """``(key, image sha256)`` of the shard's samples with an image, in order: from the corpus
     stage's digest file, else (a corpus indexed without them) from the shard itself."""
@@ -144,7 +148,9 @@ def sample_digests(corpus_url: str, split: str, record: ShardRecord) -> list[tup
     if storage.exists(url):
         cols = pq.read_table(io.BytesIO(storage.read_bytes(url))).to_pydict()
         return list(zip(cols["key"], cols["image_sha256"]))
-    return [(s.key, hashlib.sha256(s.image).hexdigest()) for s in iter_record(record) if s.problem is None]
+    with _WHOLE_SHARD_READS:  # callers read digests many shards at a time; image shards are large
+        return [(s.key, hashlib.sha256(s.image).hexdigest()) for s in iter_record(record) if s.problem is None]
+
 
 
 def manifest_reader(manifest: dict[str, Any]) -> ReaderOptions:
