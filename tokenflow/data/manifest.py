@@ -152,7 +152,6 @@ def sample_digests(corpus_url: str, split: str, record: ShardRecord) -> list[tup
         return [(s.key, hashlib.sha256(s.image).hexdigest()) for s in iter_record(record) if s.problem is None]
 
 
-
 def manifest_reader(manifest: dict[str, Any]) -> ReaderOptions:
     """A corpus manifest's reader options (:data:`DEFAULT` for manifests written before them)."""
     return ReaderOptions(**manifest["reader"]) if "reader" in manifest else DEFAULT

@@ -38,10 +38,13 @@ log = logging.getLogger(__name__)
 PREPROCESS_VERSION = "short-side-bicubic-center-crop/1"
 
 
+SHARDS_DIR = "shards"  # the token shards, under the stage's output
+
+
 def token_shard_path(split: str, shard_name: str) -> str:
     """A corpus shard's token shard, relative to the stage's output (named after the input)."""
     stem = shard_name.rsplit(".", 1)[0]
-    return f"shards/{split}/{stem}.parquet"
+    return f"{SHARDS_DIR}/{split}/{stem}.parquet"
 
 
 def token_shard_url(out_url: str, split: str, shard_name: str) -> str:

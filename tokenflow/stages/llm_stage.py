@@ -75,10 +75,8 @@ def unigram_entropy(sources: list[TokenSource], codebook_size: int) -> float:
     for source in sources:
         counts = np.zeros(codebook_size, dtype=np.int64)
         for shard in source.shards:
-            dropped = source.dropped.get(shard, frozenset())
-            for sample in iter_token_samples([shard]):
-                if sample.key not in dropped:
-                    counts += np.bincount(sample.tokens, minlength=codebook_size)
+            for sample in source.kept(shard, iter_token_samples([shard])):
+                counts += np.bincount(sample.tokens, minlength=codebook_size)
         if counts.sum():
             mixed += source.weight / total_weight * counts / counts.sum()
     p = mixed[mixed > 0] / mixed.sum() if mixed.sum() else mixed[:0]

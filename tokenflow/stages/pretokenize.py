@@ -27,7 +27,7 @@ from tokenflow.config import (DEFAULT_LIMITS, PretokenizeConfig, SampleLimitsCon
                               TokenizerView)
 from tokenflow.data.manifest import MANIFEST_NAME, ShardRecord, content_digest, file_digest, shard_records
 from tokenflow.data.quarantine import check_quarantine_ceiling
-from tokenflow.data.shard_encoder import (ShardEncoder, encoding_hash, made_by, quarantine_part_url,
+from tokenflow.data.shard_encoder import (SHARDS_DIR, ShardEncoder, encoding_hash, made_by, quarantine_part_url,
                                           token_shard_path, token_shard_url)
 from tokenflow.data.token_shards import (QUARANTINE_NAME, QUARANTINE_SCHEMA,
                                          SCHEMA_VERSION, TokenShardError, parquet_bytes,
@@ -157,7 +157,7 @@ def _unwritten(items: list[dict[str, Any]], out_url: str, tokenizer_digest: str,
     """The shards without a token shard yet. One listing of the output; the token shards found
     there (written atomically, so complete) must come from this encoding of their source shard:
     their footers are read in parallel, and a shard made from other inputs is refused."""
-    written = {f"shards/{rel}" for rel in storage.file_sizes(storage.join(out_url, "shards"))}
+    written = {f"{SHARDS_DIR}/{rel}" for rel in storage.file_sizes(storage.join(out_url, SHARDS_DIR))}
     paths = [token_shard_path(item["split"], item["name"]) for item in items]
     found = [(item, storage.join(out_url, path)) for item, path in zip(items, paths) if path in written]
     wanted = encoding_hash(tokenizer_digest, cfg.micro_batch, view, limits)

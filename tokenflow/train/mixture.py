@@ -20,11 +20,12 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Generic, Iterable, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 
 from tokenflow.train.sharded_stream import ShardedStream
 
 T = TypeVar("T")
+R = TypeVar("R")  # a shard row with a ``key``
 
 
 def _deal(totals: list[int], rank: int, world_size: int) -> list[int]:
@@ -126,6 +127,11 @@ class MixtureSource(Generic[S]):
     shards: list[S]
     dropped: dict[str, frozenset[str]] = field(default_factory=dict)  # shard URL -> keys deduplication dropped
 
+    def kept(self, shard: S, rows: Iterable[R]) -> Iterator[R]:
+        """The rows of ``shard`` (each with a ``key``) training reads: the dropped ones left out."""
+        dropped = self.dropped.get(_url(shard), frozenset())
+        return (row for row in rows if row.key not in dropped)
+
 
 TokenSource = MixtureSource[str]
 
@@ -164,8 +170,8 @@ def mixture_stream(sources: list[MixtureSource[S]], rows: Callable[[S], Iterable
     with seed ``seed + 7919 i`` (a single corpus keeps ``seed``)."""
     def reader(source: MixtureSource[S]) -> Callable[[int], list[T]]:
         def read(i: int) -> list[T]:
-            dropped = source.dropped.get(_url(source.shards[i]), frozenset())
-            return [item for row in rows(source.shards[i]) if row.key not in dropped for item in expand(row)]
+            shard = source.shards[i]
+            return [item for row in source.kept(shard, rows(shard)) for item in expand(row)]
         return read
 
     streams = [ShardedStream(len(s.shards), reader(s), rank, world_size, seed + 7919 * i) for i, s in enumerate(sources)]
