@@ -70,3 +70,31 @@ def test_a_shard_replaced_since_it_was_indexed_is_refused(tmp_path):
     _parquet(path, 5)
     with pytest.raises(SourceChangedError, match=r"s.parquet changed since the corpus was indexed"):
         iter_shard(str(path), record.sha256)
+
+
+def test_digests_read_from_whole_image_shards_two_at_a_time(tmp_path, monkeypatch):
+    """A corpus output without digest files has its image shards read whole: however many
+    threads ask (deduplication reads 16 shards ahead), at most two are in memory at once."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tokenflow.data import manifest
+    from tokenflow.data.corpus import RawSample
+
+    lock, active, peak = threading.Lock(), [0], [0]
+
+    def read_whole(record):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+        return [RawSample(key="k", image=b"img")]
+
+    monkeypatch.setattr(manifest, "iter_record", read_whole)
+    records = [manifest.ShardRecord(f"/s/{i}.tar", f"{i}.tar", "webdataset", 1, 0, 1, "x") for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda r: manifest.sample_digests(str(tmp_path), "train", r), records))
+    assert all(len(r) == 1 for r in results) and peak[0] == 2
